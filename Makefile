@@ -1,0 +1,41 @@
+# The two commands a newcomer needs:
+#   make demo   - builds everything into .venv and runs the main job on the embedded default
+#                 (tiny random model, ONNX Runtime CPU)
+#   make test   - builds everything into .venv, lints, and runs the test suite
+# Everything is installed by these targets; nothing has to be installed by hand first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch (the export stage only). On machines that keep a local wheel of it, pip picks it up.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.legion-installed
+
+.PHONY: demo test lint install clean bench
+
+demo: $(STAMP)
+	$(VENV)/bin/legion-rt demo
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check legion_rt export tests benchmarks
+	$(VENV)/bin/ruff format --check legion_rt export tests benchmarks
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[export,test]"
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/e2e.py
+
+clean:
+	rm -rf build $(VENV) legion_rt/_C*.so
