@@ -1,0 +1,291 @@
+"""The LLM graph (llm.onnx), built node by node with onnx.helper from a transformers LlamaForCausalLM.
+
+Why hand-built instead of torch.onnx.export: ONNX Runtime's contrib op ``com.microsoft.GroupQueryAttention``
+applies rotary embeddings, appends the new K/V rows into a KV buffer *in place* (when past and present are the
+same buffer, bound through IOBinding) and attends over the filled positions only. A decode step then costs the
+weights plus the filled part of the cache, never a copy of the whole cache (ms/token at 1024 vs 128 context).
+
+Graph contract (kind ``"gqa_shared_kv"``, one graph for prefill and decode, batch 1 at a time):
+
+inputs
+    inputs_embeds            f32 [B, S, H]                      embeddings of the S new positions
+    past_key_values.{i}.key   T  [B, KVH, MAX, D]  (i = layer)  the KV buffer, MAX = cache capacity
+    past_key_values.{i}.value T  [B, KVH, MAX, D]
+    seqlens_k                int32 [B]    number of filled positions after this call, minus 1
+    total_sequence_length    int32 []     number of filled positions after this call
+outputs
+    logits                   f32 [B, V]   logits of the last position
+    hidden                   f32 [B, H]   final-norm hidden state of the last position
+    present.{i}.key/value     T  [B, KVH, MAX, D]  the same buffer as the past input (bind one OrtValue to both)
+
+T is float32 (precision fp32) or float16 (fp16; inputs/outputs stay f32, Cast nodes at the boundary).
+The S new positions are the absolute positions [seqlens_k + 1 - S, seqlens_k + 1): rotary uses them, and the
+new K/V rows are written there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from legion_rt.errors import LegionError
+
+LLM_GRAPH_KIND = "gqa_shared_kv"
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with room for the graph itself
+
+
+class ExportError(LegionError):
+    """The export stage cannot produce a correct artifact (unsupported model, graph out of tolerance...)."""
+
+
+@dataclass
+class LlmGraphInfo:
+    """What the runner needs to drive llm.onnx; stored in manifest["graphs"]["llm"]."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    kv_dtype: str  # "float32" | "float16"
+    kind: str = LLM_GRAPH_KIND
+    inputs_embeds: str = "inputs_embeds"
+    seqlens_k: str = "seqlens_k"
+    total_sequence_length: str = "total_sequence_length"
+    logits: str = "logits"
+    hidden: str = "hidden"
+    past_key: str = "past_key_values.{i}.key"
+    past_value: str = "past_key_values.{i}.value"
+    present_key: str = "present.{i}.key"
+    present_value: str = "present.{i}.value"
+    external_data: str | None = None
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def rope_theta_of(config) -> float:
+    """rope theta from a transformers 4.x (``rope_theta``) or 5.x (``rope_parameters``) LlamaConfig."""
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type not in (None, "default"):
+        raise ExportError(f"rope_type {rope_type!r}: only plain (default) rotary embeddings are supported")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ExportError("LLM config has no rope_theta")
+    return float(theta)
+
+
+def rotary_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [max_positions, head_dim/2], computed exactly like transformers' LlamaRotaryEmbedding
+    (float32 inv_freq, float32 position x inv_freq, then cos/sin in float32), so rotary matches bit for bit."""
+    import torch
+
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    pos = torch.arange(max_positions, dtype=torch.int64).to(torch.float32)
+    freqs = pos[:, None] * inv_freq[None, :]  # [P, D/2]
+    return freqs.cos().numpy(), freqs.sin().numpy()
+
+
+class _Weights:
+    """Collects initializers; streams them to one external data file when the graph would pass 2 GB."""
+
+    def __init__(self, np_dtype, data_path: Path | None):
+        self.np_dtype = np_dtype
+        self.initializers = []
+        self.data_path = data_path
+        self._file = open(data_path, "wb") if data_path is not None else None
+        self._offset = 0
+
+    def add(self, name: str, array: np.ndarray, *, keep_dtype: bool = False) -> str:
+        import onnx
+        from onnx import numpy_helper
+
+        arr = np.asarray(array if keep_dtype else array.astype(self.np_dtype, copy=False))
+        arr = arr.copy(order="C") if not arr.flags.c_contiguous else arr  # (ascontiguousarray makes 0-d 1-d)
+        if self._file is None or arr.nbytes < 1024:
+            self.initializers.append(numpy_helper.from_array(arr, name))
+            return name
+        # Align every tensor to 64 bytes so ONNX Runtime can map the file without copies.
+        pad = (-self._offset) % 64
+        self._file.write(b"\0" * pad)
+        self._offset += pad
+        self._file.write(arr.tobytes())
+        tensor = onnx.TensorProto()
+        tensor.name = name
+        tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+        tensor.dims.extend(arr.shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.data_path.name), ("offset", self._offset), ("length", arr.nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self._offset += arr.nbytes
+        self.initializers.append(tensor)
+        return name
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+@dataclass
+class _Builder:
+    nodes: list = field(default_factory=list)
+    count: int = 0
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, *, domain: str = "", name: str = "", **attrs):
+        import onnx
+
+        self.count += 1
+        base = f"{name or op_type}_{self.count}"
+        outs = [f"{base}/out{k}" for k in range(n_out)]
+        self.nodes.append(onnx.helper.make_node(op_type, inputs, outs, name=base, domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().to("cpu").float().numpy()
+
+
+def llm_param_bytes(llm, precision: str) -> int:
+    per = 2 if precision == "fp16" else 4
+    # embed_tokens is not in the graph (it is embed_tokens.npy)
+    return sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n) * per
+
+
+def build_llm_graph(llm, out_path: str | os.PathLike, *, precision: str = "fp32", max_positions: int | None = None):
+    """Write llm.onnx (and llm.onnx.data when the weights pass 2 GB) for ``llm`` (a LlamaForCausalLM).
+
+    Returns the LlmGraphInfo to store in the manifest. Raises ExportError for models it cannot represent.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    cfg = llm.config
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"precision {precision!r}: expected fp32 or fp16")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ExportError(f"LLM hidden_act {cfg.hidden_act!r}: only silu (LLaMA) is supported")
+    H = int(cfg.hidden_size)
+    L = int(cfg.num_hidden_layers)
+    NH = int(cfg.num_attention_heads)
+    KVH = int(getattr(cfg, "num_key_value_heads", None) or NH)
+    D = int(getattr(cfg, "head_dim", None) or H // NH)
+    V = int(cfg.vocab_size)
+    eps = float(cfg.rms_norm_eps)
+    theta = rope_theta_of(cfg)
+    P = int(max_positions or cfg.max_position_embeddings)
+    if D % 2:
+        raise ExportError(f"head_dim {D} is odd: rotary embeddings need an even head size")
+
+    out_path = Path(out_path)
+    np_dtype = np.float16 if precision == "fp16" else np.float32
+    onnx_t = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
+    external = llm_param_bytes(llm, precision) > EXTERNAL_DATA_THRESHOLD
+    data_path = out_path.with_name(out_path.name + ".data") if external else None
+    w = _Weights(np_dtype, data_path)
+    b = _Builder()
+    sd = {k: v for k, v in llm.state_dict().items()}
+
+    def linear_t(prefix: str) -> str:
+        # transformers Linear weight is [out, in]; MatMul wants [in, out].
+        return w.add(prefix + ".weight", _np(sd[prefix + ".weight"]).T)
+
+    def matmul(x: str, prefix: str) -> str:
+        y = b.op("MatMul", [x, linear_t(prefix)], name=prefix)
+        if sd.get(prefix + ".bias") is not None:
+            y = b.op("Add", [y, w.add(prefix + ".bias", _np(sd[prefix + ".bias"]))], name=prefix + ".bias")
+        return y
+
+    cos, sin = rotary_tables(D, theta, P)
+    cos_name = w.add("cos_cache", cos)
+    sin_name = w.add("sin_cache", sin)
+    minus_one = w.add("last_position", np.array(-1, dtype=np.int64), keep_dtype=True)
+
+    info = LlmGraphInfo(
+        num_layers=L, num_heads=NH, num_kv_heads=KVH, head_dim=D, hidden_size=H, vocab_size=V,
+        max_positions=P, kv_dtype="float16" if precision == "fp16" else "float32",
+        external_data=data_path.name if data_path else None,
+    )
+    graph_inputs = [helper.make_tensor_value_info(info.inputs_embeds, TensorProto.FLOAT, ["batch", "seq", H])]
+    graph_outputs = [
+        helper.make_tensor_value_info(info.logits, TensorProto.FLOAT, ["batch", V]),
+        helper.make_tensor_value_info(info.hidden, TensorProto.FLOAT, ["batch", H]),
+    ]
+    x = info.inputs_embeds
+    if precision == "fp16":
+        x = b.op("Cast", [x], to=TensorProto.FLOAT16, name="embeds_to_fp16")
+
+    residual = x
+    normed = b.op("SimplifiedLayerNormalization", [x, w.add("model.layers.0.input_layernorm.weight",
+                  _np(sd["model.layers.0.input_layernorm.weight"]))], axis=-1, epsilon=eps, stash_type=1,
+                  name="layers.0.input_layernorm")
+    for i in range(L):
+        p = f"model.layers.{i}"
+        attn = p + ".self_attn"
+        # One packed QKV MatMul: GQA takes [B, S, (NH + 2 KVH) * D] as its query input.
+        qkv_w = np.concatenate([_np(sd[f"{attn}.{n}_proj.weight"]) for n in "qkv"], axis=0).T
+        qkv = b.op("MatMul", [normed, w.add(f"{attn}.qkv_proj.weight", qkv_w)], name=f"{attn}.qkv_proj")
+        if sd.get(f"{attn}.q_proj.bias") is not None:
+            qkv_b = np.concatenate([_np(sd[f"{attn}.{n}_proj.bias"]) for n in "qkv"])
+            qkv = b.op("Add", [qkv, w.add(f"{attn}.qkv_proj.bias", qkv_b)], name=f"{attn}.qkv_bias")
+        past_k, past_v = info.past_key.format(i=i), info.past_value.format(i=i)
+        pres_k, pres_v = info.present_key.format(i=i), info.present_value.format(i=i)
+        cache_shape = ["batch", KVH, "max_len", D]
+        graph_inputs += [helper.make_tensor_value_info(n, onnx_t, cache_shape) for n in (past_k, past_v)]
+        graph_outputs += [helper.make_tensor_value_info(n, onnx_t, cache_shape) for n in (pres_k, pres_v)]
+        b.count += 1
+        attn_out = f"{attn}/gqa_out"
+        b.nodes.append(helper.make_node(
+            "GroupQueryAttention",
+            [qkv, "", "", past_k, past_v, info.seqlens_k, info.total_sequence_length, cos_name, sin_name],
+            [attn_out, pres_k, pres_v], name=f"{attn}.gqa", domain="com.microsoft",
+            num_heads=NH, kv_num_heads=KVH, do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(D),
+        ))
+        o = matmul(attn_out, f"{attn}.o_proj")
+        # residual + attention, then post_attention_layernorm, in one fused op
+        normed, _, _, residual = b.op(
+            "SkipSimplifiedLayerNormalization",
+            [o, residual, w.add(f"{p}.post_attention_layernorm.weight", _np(sd[f"{p}.post_attention_layernorm.weight"]))],
+            n_out=4, domain="com.microsoft", epsilon=eps, name=f"{p}.post_attention_layernorm",
+        )
+        mlp = p + ".mlp"
+        gate = matmul(normed, f"{mlp}.gate_proj")
+        up = matmul(normed, f"{mlp}.up_proj")
+        act = b.op("Mul", [gate, b.op("Sigmoid", [gate], name=f"{mlp}.sigmoid")], name=f"{mlp}.silu")
+        down = matmul(b.op("Mul", [act, up], name=f"{mlp}.gated"), f"{mlp}.down_proj")
+        next_norm = f"model.layers.{i + 1}.input_layernorm" if i + 1 < L else "model.norm"
+        normed, _, _, residual = b.op(
+            "SkipSimplifiedLayerNormalization",
+            [down, residual, w.add(next_norm + ".weight", _np(sd[next_norm + ".weight"]))],
+            n_out=4, domain="com.microsoft", epsilon=eps, name=next_norm,
+        )
+    # normed is now model.norm(h) for every position: keep the last one only.
+    last = b.op("Gather", [normed, minus_one], axis=1, name="last_position")  # [B, H]
+    logits = b.op("MatMul", [last, linear_t("lm_head")], name="lm_head")  # [B, V]
+    if sd.get("lm_head.bias") is not None:
+        logits = b.op("Add", [logits, w.add("lm_head.bias", _np(sd["lm_head.bias"]))], name="lm_head.bias")
+    to = {"to": TensorProto.FLOAT} if precision == "fp16" else None
+    b.nodes.append(helper.make_node("Cast" if to else "Identity", [logits], [info.logits], **(to or {})))
+    b.nodes.append(helper.make_node("Cast" if to else "Identity", [last], [info.hidden], **(to or {})))
+    graph_inputs += [
+        helper.make_tensor_value_info(info.seqlens_k, TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info(info.total_sequence_length, TensorProto.INT32, []),
+    ]
+    w.close()
+    graph = helper.make_graph(b.nodes, "legion_llm", graph_inputs, graph_outputs, initializer=w.initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="legion_rt.export",
+    )
+    model.ir_version = 8
+    onnx.save_model(model, str(out_path))
+    return info

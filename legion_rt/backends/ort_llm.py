@@ -1,0 +1,192 @@
+"""KV-cached LLM runner over llm.onnx (graph kind ``gqa_shared_kv``, see export/onnx_llm.py).
+
+The KV cache of a request is one preallocated buffer per layer and per K/V, [1, KVH, max_len, D], bound through
+ONNX Runtime IOBinding as both the ``past`` input and the ``present`` output of the GroupQueryAttention node:
+the op writes the new rows in place and attends over the filled positions only, so a decode step never copies
+the cache. ``clone_cache`` copies only the filled positions (the shared prompt prefix) into a fresh cache.
+
+Usage::
+
+    runner = OrtLLM(session_or_path, manifest)   # manifest: the parsed manifest.json (dict)
+    cache = runner.new_cache(max_len)            # capacity = prompt + max_new_tokens
+    logits, hidden = runner.forward(cache, embeds)   # embeds f32 [1, S, H] -> f32 [V], f32 [H] (last position)
+    cache.length                                 # filled positions
+    cache2 = runner.clone_cache(cache, max_len)
+
+One runner may be used from many threads at once as long as each thread uses its own cache.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ArtifactError, BackendError, RequestError
+
+SUPPORTED_KINDS = ("gqa_shared_kv",)
+
+
+@dataclass
+class KVCache:
+    """Preallocated KV buffers of one request. ``keys[i]``/``values[i]``: [1, KVH, max_len, D] (numpy views of
+    the OrtValues on CPU; None on a GPU device). ``length``: filled positions."""
+
+    max_len: int
+    length: int = 0
+    keys: list = field(default_factory=list)
+    values: list = field(default_factory=list)
+    ort_keys: list = field(default_factory=list)
+    ort_values: list = field(default_factory=list)
+    # per-cache scratch, so concurrent requests never share a buffer
+    seqlens_k: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int32))
+    total: np.ndarray = field(default_factory=lambda: np.zeros((), dtype=np.int32))
+
+
+class OrtLLM:
+    """Drives llm.onnx with a KV cache. ``session_or_path``: an onnxruntime.InferenceSession or a path to
+    llm.onnx (then a CPU session is created, ``threads`` intra-op threads). ``manifest``: the artifact manifest
+    dict (reads ``manifest["graphs"]["llm"]``)."""
+
+    def __init__(self, session_or_path, manifest: dict, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        self._ort = ort
+        try:
+            g = manifest["graphs"]["llm"]
+            self.kind = g["kind"]
+            self.num_layers = int(g["num_layers"])
+            self.num_kv_heads = int(g["num_kv_heads"])
+            self.head_dim = int(g["head_dim"])
+            self.hidden_size = int(g["hidden_size"])
+            self.vocab_size = int(g["vocab_size"])
+            self.max_positions = int(g["max_positions"])
+            self.kv_dtype = np.dtype(g["kv_dtype"])
+            self.names = {k: g[k] for k in ("inputs_embeds", "seqlens_k", "total_sequence_length", "logits",
+                                            "hidden", "past_key", "past_value", "present_key", "present_value")}
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(f"manifest.json: graphs.llm is incomplete or invalid ({err!r})") from None
+        if self.kind not in SUPPORTED_KINDS:
+            raise ArtifactError(f"manifest.json: llm graph kind {self.kind!r} is not supported by this runtime")
+        if isinstance(session_or_path, (str, os.PathLike)):
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = int(threads)
+            try:
+                session_or_path = ort.InferenceSession(os.fspath(session_or_path), opts,
+                                                       providers=["CPUExecutionProvider"])
+            except Exception as err:  # onnxruntime raises its own exception types
+                raise BackendError(f"{os.fspath(session_or_path)}: cannot create an ONNX Runtime session: {err}") from None
+        self.session = session_or_path
+        provider = self.session.get_providers()[0]
+        # KV buffers live where the attention runs: host memory for CPU, device memory for CUDA.
+        self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+        self.device_id = 0
+        if self.device == "cuda":
+            opts = self.session.get_provider_options().get(provider, {})
+            self.device_id = int(opts.get("device_id", 0))
+
+    # ----------------------------------------------------------------------------------------------- caches
+    def new_cache(self, max_len: int) -> KVCache:
+        """A cache with room for ``max_len`` positions (prompt + max_new_tokens)."""
+        max_len = int(max_len)
+        if not 1 <= max_len <= self.max_positions:
+            raise RequestError(f"KV cache length {max_len} is outside 1..{self.max_positions} "
+                               "(the model's max_position_embeddings)")
+        cache = KVCache(max_len=max_len)
+        shape = (1, self.num_kv_heads, max_len, self.head_dim)
+        for _ in range(self.num_layers):
+            for arrays, ort_values in ((cache.keys, cache.ort_keys), (cache.values, cache.ort_values)):
+                if self.device == "cpu":
+                    # np.zeros is lazily committed by the OS: unused capacity costs no time.
+                    arr = np.zeros(shape, dtype=self.kv_dtype)
+                    arrays.append(arr)
+                    ort_values.append(self._ort.OrtValue.ortvalue_from_numpy(arr))  # shares arr's memory
+                else:
+                    arrays.append(None)
+                    ort_values.append(self._ort.OrtValue.ortvalue_from_shape_and_type(
+                        shape, self.kv_dtype, self.device, self.device_id))
+        return cache
+
+    def clone_cache(self, cache: KVCache, max_len: int) -> KVCache:
+        """A new cache of capacity ``max_len`` holding a copy of ``cache``'s filled positions (prefix reuse).
+        Costs a copy of the filled positions only (on CPU)."""
+        if max_len < cache.length:
+            raise RequestError(f"clone_cache: max_len {max_len} is smaller than the cached length {cache.length}")
+        new = self.new_cache(max_len)
+        n = cache.length
+        if self.device == "cpu":
+            for src, dst in zip(cache.keys + cache.values, new.keys + new.values):
+                dst[:, :, :n, :] = src[:, :, :n, :]
+        else:  # device buffers: go through the host once per request (never per step)
+            for src, dst in zip(cache.ort_keys + cache.ort_values, new.ort_keys + new.ort_values):
+                host = np.zeros((1, self.num_kv_heads, max_len, self.head_dim), dtype=self.kv_dtype)
+                host[:, :, :n, :] = src.numpy()[:, :, :n, :]
+                dst.update_inplace(host)
+        new.length = n
+        return new
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, cache: KVCache, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run the S positions of ``embeds`` (f32 [1, S, H]) after the cache's filled positions, writing their
+        K/V in place. Returns (logits f32 [V], hidden f32 [H]) of the last position; cache.length += S."""
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != self.hidden_size or embeds.shape[1] < 1:
+            raise RequestError(f"LLM embeds shape {embeds.shape}: expected [1, S>=1, {self.hidden_size}]")
+        S = embeds.shape[1]
+        total = cache.length + S
+        if total > cache.max_len:
+            raise RequestError(f"KV cache overflow: {cache.length} cached + {S} new positions > capacity {cache.max_len}")
+        cache.seqlens_k[0] = total - 1
+        cache.total[...] = total
+        n = self.names
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(n["inputs_embeds"], embeds)
+        binding.bind_cpu_input(n["seqlens_k"], cache.seqlens_k)
+        binding.bind_cpu_input(n["total_sequence_length"], cache.total)
+        for i in range(self.num_layers):
+            # The same OrtValue as past input and present output: GroupQueryAttention appends in place.
+            binding.bind_ortvalue_input(n["past_key"].format(i=i), cache.ort_keys[i])
+            binding.bind_ortvalue_input(n["past_value"].format(i=i), cache.ort_values[i])
+            binding.bind_ortvalue_output(n["present_key"].format(i=i), cache.ort_keys[i])
+            binding.bind_ortvalue_output(n["present_value"].format(i=i), cache.ort_values[i])
+        binding.bind_output(n["logits"], "cpu")
+        binding.bind_output(n["hidden"], "cpu")
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as err:
+            raise BackendError(f"llm.onnx failed at cache length {cache.length} + {S}: {err}") from None
+        outs = binding.get_outputs()  # in binding order: the 2 * num_layers caches, then logits, hidden
+        logits = outs[-2].numpy()[0].astype(np.float32, copy=False)  # [V]
+        hidden = outs[-1].numpy()[0].astype(np.float32, copy=False)  # [H]
+        cache.length = total
+        return logits, hidden
+
+
+def measure_ms_per_token(runner: OrtLLM, context: int, *, steps: int = 32, warmup: int = 4, seed: int = 0,
+                         prefill_chunk: int = 256) -> float:
+    """Median milliseconds of one decode step (S=1) with ``context`` positions already in the KV cache.
+
+    The cache is filled with random embeddings (prefill in chunks of ``prefill_chunk``); the numbers measure the
+    graph and the runner only (no sampling, no embedding lookup). Used by tests and benchmarks/e2e.py to check
+    that a step does not grow with copies of the whole cache (ratio of context 1024 to 128)."""
+    import time
+
+    rng = np.random.default_rng(seed)
+    H = runner.hidden_size
+    cache = runner.new_cache(context + warmup + steps)
+    filled = 0
+    while filled < context:
+        s = min(prefill_chunk, context - filled)
+        runner.forward(cache, rng.standard_normal((1, s, H), dtype=np.float32))
+        filled += s
+    token = rng.standard_normal((1, 1, H), dtype=np.float32)
+    for _ in range(warmup):
+        runner.forward(cache, token)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        runner.forward(cache, token)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000.0)
