@@ -1,0 +1,165 @@
+"""ONNX Runtime backend: one InferenceSession per graph of the artifact directory.
+
+Session options: ``intra_op_num_threads`` = ``threads`` (None: ORT default), graph optimization ORT_ENABLE_ALL,
+sequential execution. Providers by short name: "cpu" -> CPUExecutionProvider, "cuda" -> CUDAExecutionProvider,
+"tensorrt" -> TensorrtExecutionProvider (ORT's TensorRT provider, not the native TensorRT backend).
+
+No silent fallback: a provider asked for by name that this onnxruntime build lacks, or that a session did not
+actually take (ORT quietly falls back to CPU when e.g. the CUDA libraries fail to load), raises ``BackendError``.
+With ``auto=True`` and no ``providers`` the best available set is tried (CUDA when present, else CPU) and what
+runs is reported in ``providers``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import BackendError, RequestError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..artifacts import Artifacts
+
+SHORT_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - onnxruntime is a runtime dependency
+        raise BackendError(f"onnxruntime is not installed ({e}); pip install onnxruntime") from None
+    return ort
+
+
+def resolve_providers(providers) -> list[str]:
+    """Short or full provider names -> full ORT names, checked against this onnxruntime build."""
+    ort = _import_ort()
+    if isinstance(providers, str):
+        providers = [p.strip() for p in providers.split(",") if p.strip()]
+    if not providers:
+        raise RequestError("providers: give at least one of cpu, cuda, tensorrt")
+    available = ort.get_available_providers()
+    out = []
+    for p in providers:
+        full = SHORT_NAMES.get(str(p).lower(), str(p))
+        if full not in SHORT_NAMES.values():
+            raise RequestError(f"provider {p!r}: unknown (use {', '.join(SHORT_NAMES)})")
+        if full not in available:
+            raise BackendError(
+                f"provider {p!r} ({full}) is not available in this onnxruntime build "
+                f"(available: {', '.join(available)})"
+            )
+        out.append(full)
+    return out
+
+
+def session_options(threads: int | None):
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+def _provider_list(full_names: list[str]) -> list:
+    """ORT provider list with options; CPU is appended last so ops a GPU provider lacks still run."""
+    out: list = []
+    for name in full_names:
+        if name == "TensorrtExecutionProvider":
+            cache = Path(os.environ.get("LEGION_RT_CACHE", Path.home() / ".cache" / "legion_rt")) / "ort_trt"
+            out.append((name, {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache)}))
+        else:
+            out.append(name)
+    if "CPUExecutionProvider" not in full_names:
+        out.append("CPUExecutionProvider")
+    return out
+
+
+class OnnxRuntimeBackend:
+    """Sessions for vision, sam_encoder, mask_head and llm (the latter driven by OrtLLM)."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        art: Artifacts,
+        *,
+        threads: int | None = None,
+        providers=None,
+        auto: bool = False,
+    ):
+        ort = _import_ort()
+        self._ort = ort
+        self.threads = threads
+        if providers is None:
+            available = ort.get_available_providers()
+            wanted = ["CUDAExecutionProvider"] if (auto and "CUDAExecutionProvider" in available) else []
+            wanted.append("CPUExecutionProvider")
+            strict = False
+        else:
+            wanted = resolve_providers(providers)
+            strict = True
+        try:
+            self._sessions = self._open_all(art, wanted, strict=strict)
+        except BackendError:
+            if strict or wanted == ["CPUExecutionProvider"]:
+                raise
+            # "auto" only: the GPU provider is compiled in but cannot start here (no device / libraries).
+            wanted = ["CPUExecutionProvider"]
+            self._sessions = self._open_all(art, wanted, strict=True)
+        self.providers = list(self._sessions["llm"].get_providers())
+        vis = self._sessions["vision"]
+        self._vision_in = vis.get_inputs()[0].name
+        outs = [o.name for o in vis.get_outputs()]
+        self._vision_out = ["image_embeds"] + (["cls_logits"] if "cls_logits" in outs else [])
+        self._sam_in = self._sessions["sam_encoder"].get_inputs()[0].name
+        self._sam_out = self._sessions["sam_encoder"].get_outputs()[0].name
+        self._mask_out = self._sessions["mask_head"].get_outputs()[0].name
+
+        from .ort_llm import OrtLLM
+
+        self.llm = OrtLLM(self._sessions["llm"], art.manifest)
+
+    def _open_all(self, art: Artifacts, wanted: list[str], *, strict: bool) -> dict:
+        sessions = {}
+        for graph in ("vision", "sam_encoder", "mask_head", "llm"):
+            path = art.graph_path(graph)
+            try:
+                sess = self._ort.InferenceSession(
+                    os.fspath(path), session_options(self.threads), providers=_provider_list(wanted)
+                )
+            except Exception as e:  # onnxruntime raises its own (non-Python-standard) exception types
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise BackendError(f"{path}: cannot create an ONNX Runtime session ({msg})") from None
+            got = sess.get_providers()
+            if got[0] != wanted[0]:
+                raise BackendError(
+                    f"{path}: provider {wanted[0]} was asked for but the session runs on {got[0]} "
+                    "(the provider could not start here)"
+                )
+            sessions[graph] = sess
+        return sessions
+
+    def vision(self, clip_pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outs = self._sessions["vision"].run(self._vision_out, {self._vision_in: clip_pixels})
+        return outs[0], (outs[1] if len(outs) > 1 else None)
+
+    def sam_encoder(self, sam_pixels: np.ndarray) -> np.ndarray:
+        return self._sessions["sam_encoder"].run([self._sam_out], {self._sam_in: sam_pixels})[0]
+
+    def mask_head(self, seg_hidden: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        feeds = {
+            "seg_hidden": np.ascontiguousarray(seg_hidden, dtype=np.float32),
+            "image_embeddings": np.ascontiguousarray(embedding, dtype=np.float32),
+        }
+        return self._sessions["mask_head"].run([self._mask_out], feeds)[0]

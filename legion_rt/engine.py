@@ -1,0 +1,478 @@
+"""``legion_rt.Engine``: one artifact directory, many requests (public API: /work/shared/CONTRACT.md).
+
+One request (``analyze`` / ``stream``):
+
+```
+image -> load_image (cv2.imread-exact) -> ops.preprocess (native)          "preprocess"
+      -> SAM encoder submitted to the SAM pool at once (runs while we go on)  "sam_encoder"
+      -> vision graph: image embeds [1,576,H] + detector logits [1,2]       "vision"
+         (detect-first gate: verdict alone when P(real) >= skip_if_real)
+      -> clone the cached prompt-prefix KV, prefill 576 image embeds + suffix ids           "prefill"
+      -> decode loop (greedy / sampled), one position per step, KV written in place          "decode"
+         each [SEG]: its hidden state goes to the mask pool at once (waits for the SAM embedding there),
+         mask head + ops.postprocess_masks -> MaskEvent as soon as ready, in [SEG] order      "masks"
+      -> text: decode(prompt ids + generated ids), reference post-processing, phrase pairing
+      -> DoneEvent(Result)
+```
+``timings["masks"]`` is the time spent in the mask jobs (mask head + upsampling), summed; the jobs overlap with
+decoding, so stage times may add up to more than ``total``. Extra keys: ``time_to_first_token``,
+``time_to_first_mask`` (from the start of the request; NaN without masks), ``ms_per_token`` (decode steps only),
+``wait_masks`` (time after the last token spent waiting for masks), ``decode_tokens``.
+
+Thread safety: ONNX Runtime sessions are safe to ``run`` concurrently; each request has its own KV cache (a clone
+of the shared, read-only prefix cache), its own sampler and its own text stream, so concurrent calls give the
+same results as sequential ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .artifacts import Artifacts, load_artifacts
+from .decode import DecodeOptions, generate
+from .errors import ArtifactError, RequestError
+from .image import DEFAULT_MAX_PIXELS, load_image
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class Artifact:
+    """One [SEG] of the answer. ``mask``: bool [H, W] at the input picture's size; ``bbox``: (x0, y0, x1, y1),
+    end-exclusive pixel coordinates, (0, 0, 0, 0) for an empty mask; ``area``: mask pixels; ``index``: order among
+    the [SEG] tokens; ``token_index``: position of its [SEG] in ``Result.token_ids``."""
+
+    phrase: str | None
+    mask: np.ndarray
+    bbox: tuple[int, int, int, int]
+    area: int
+    index: int = 0
+    token_index: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "phrase": self.phrase,
+            "bbox": list(self.bbox),
+            "area": self.area,
+            "token_index": self.token_index,
+        }
+
+
+@dataclass
+class Result:
+    """The full answer for one picture (see CONTRACT.md). ``label``: detector argmax, 1 = real, 0 = fake.
+    ``skipped``: the detect-first gate stopped after the verdict."""
+
+    verdict: str | None
+    fake_probability: float | None
+    explanation: str | None
+    text: str | None
+    token_ids: list[int]
+    artifacts: list[Artifact]
+    mask: np.ndarray
+    timings: dict[str, float]
+    label: int | None = None
+    cls_logits: list[float] | None = None
+    skipped: bool = False
+    phrases: list[str] = field(default_factory=list)
+    image_size: tuple[int, int] = (0, 0)  # (H, W)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (masks are not included: write them as PNGs)."""
+        return {
+            "verdict": self.verdict,
+            "fake_probability": self.fake_probability,
+            "label": self.label,
+            "cls_logits": self.cls_logits,
+            "skipped": self.skipped,
+            "explanation": self.explanation,
+            "text": self.text,
+            "phrases": self.phrases,
+            "token_ids": self.token_ids,
+            "artifacts": [a.to_dict() for a in self.artifacts],
+            "mask_area": int(self.mask.sum()),
+            "image_size": list(self.image_size),
+            "timings": {
+                k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.timings.items()
+            },
+        }
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A generated token and the text it adds to the answer (may be "" while a character is incomplete)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class MaskEvent:
+    artifact: Artifact
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    result: Result
+
+
+# ------------------------------------------------------------------------------------------------- engine
+
+_STAGES = ("preprocess", "vision", "sam_encoder", "prefill", "decode", "masks", "total")
+
+
+class Engine:
+    """Loads and verifies an artifact directory, opens the backend, caches the prompt prefix's KV.
+
+    ``backend``: "auto" | "onnxruntime" | "tensorrt"; ``threads``: intra-op threads per graph session and native
+    kernel threads (None: library defaults); ``providers``: ONNX Runtime providers by name ("cpu", "cuda",
+    "tensorrt"), an unavailable one raises BackendError; ``verify``: "full" (sha256 of every file, default),
+    "size" or "none"; ``max_pixels``: input pictures over this many pixels are refused before decoding.
+    ``engine.backend_name`` / ``engine.providers`` report what actually runs.
+    """
+
+    def __init__(
+        self,
+        artifacts: str | os.PathLike,
+        backend: str = "auto",
+        *,
+        threads: int | None = None,
+        providers: list[str] | str | None = None,
+        verify: str = "full",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        mask_workers: int = 1,
+    ):
+        from . import ops
+        from .backends import create_backend
+        from .text import Detokenizer
+
+        self.art: Artifacts = load_artifacts(artifacts, verify=verify)
+        self.max_pixels = int(max_pixels)
+        self.threads = threads
+        self._ops = ops
+        self._backend = create_backend(self.art, backend, threads=threads, providers=providers)
+        self.backend_name = self._backend.name
+        self.providers = list(self._backend.providers)
+        m = self.art.manifest
+        try:
+            tok = m["tokens"]
+            self.eos_id = int(tok["eos"])
+            self.seg_id = int(tok["seg"])
+            self.prefix_ids = [int(i) for i in m["prompt"]["prefix_ids"]]
+            self.suffix_ids = [int(i) for i in m["prompt"]["suffix_ids"]]
+            self.num_image_tokens = int(m["model"].get("num_image_tokens", 576))
+            self.max_positions = int(m["model"]["max_position_embeddings"])
+            self.hidden_size = int(m["model"]["hidden_size"])
+            self._pre_kwargs = _preprocess_kwargs(m["preprocess"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{self.art.root / 'manifest.json'}: incomplete or invalid ({e!r})") from None
+        self.has_detector = bool(m.get("detector", False))
+        self.prompt_length = len(self.prefix_ids) + self.num_image_tokens + len(self.suffix_ids)
+
+        table_path = self.art.path("embed_tokens.npy")
+        try:
+            self._embed_table = np.load(table_path, mmap_mode="r")  # [V, H], f32 or f16, paged in on demand
+        except Exception as e:
+            raise ArtifactError(f"{table_path}: cannot read the embedding table ({e})") from None
+        if self._embed_table.ndim != 2 or self._embed_table.shape[1] != self.hidden_size:
+            raise ArtifactError(
+                f"{table_path}: shape {self._embed_table.shape}, expected [V, {self.hidden_size}]"
+            )
+        self.detok = Detokenizer.from_dir(self.art.root)
+
+        # The image-independent prompt prefix (system prompt, "USER: The <im_start>") is the same for every
+        # request: run it once; requests clone its KV rows.
+        llm = self._backend.llm
+        self._prefix_cache = llm.new_cache(len(self.prefix_ids))
+        llm.forward(self._prefix_cache, self._embed_ids(self.prefix_ids))
+
+        # SAM encoder jobs never wait on anything; mask jobs wait on SAM futures: separate pools, no deadlock.
+        self._sam_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="legion-sam")
+        self._mask_pool = ThreadPoolExecutor(
+            max_workers=max(1, int(mask_workers)), thread_name_prefix="legion-mask"
+        )
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------------------- public
+    def analyze(self, image: Any, **options: Any) -> Result:
+        """Run one picture to completion; same options as ``stream``. Returns the ``Result``."""
+        result = None
+        for ev in self.stream(image, **options):
+            if isinstance(ev, DoneEvent):
+                result = ev.result
+        assert result is not None
+        return result
+
+    def stream(
+        self,
+        image: Any,
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        skip_if_real: float | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[TokenEvent | MaskEvent | DoneEvent]:
+        """Yield ``TokenEvent`` per generated token, ``MaskEvent`` per [SEG] as soon as its mask is ready (in
+        [SEG] order), then ``DoneEvent(result)``.
+
+        ``image``: path, bytes, PIL.Image or RGB uint8 [H, W, 3]. ``max_new_tokens`` >= 1 (prompt + new tokens
+        must fit the model's positions). ``temperature`` 0 = greedy (the reference's rule); > 0 samples with
+        ``top_p`` and ``seed``. ``skip_if_real`` in [0, 1] (detect-first gating, off by default): when the
+        detector's P(real) >= skip_if_real the LLM is not run; the result has the verdict only. ``ignore_eos``:
+        keep generating after EOS (benchmarks).
+        Raises ImageError (bad picture) or RequestError (bad option) before any work is done.
+        """
+        opts = DecodeOptions(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            ignore_eos=ignore_eos,
+        ).validate(prompt_len=self.prompt_length, max_positions=self.max_positions)
+        if skip_if_real is not None:
+            if isinstance(skip_if_real, bool) or not isinstance(skip_if_real, (int, float)):
+                raise RequestError(f"skip_if_real={skip_if_real!r}: must be a number in [0, 1] or None")
+            if not 0.0 <= float(skip_if_real) <= 1.0:
+                raise RequestError(f"skip_if_real={skip_if_real!r}: must be in [0, 1]")
+            if not self.has_detector:
+                raise RequestError("skip_if_real: these artifacts have no detector (export with --detector)")
+        if self._closed:
+            raise RequestError("this Engine is closed")
+        # Decode the picture eagerly so a bad image raises here, at the call, not at the first next().
+        clock = time.perf_counter
+        t0 = clock()
+        rgb = load_image(image, max_pixels=self.max_pixels)
+        return self._run(rgb, opts, skip_if_real, t0)
+
+    def close(self) -> None:
+        """Stop the worker pools (pending jobs finish first)."""
+        self._closed = True
+        self._sam_pool.shutdown(wait=True)
+        self._mask_pool.shutdown(wait=True)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _embed_ids(self, ids: list[int]) -> np.ndarray:
+        """ids -> f32 [1, len(ids), H] rows of the embedding table."""
+        rows = self._embed_table[np.asarray(ids, dtype=np.int64)]
+        return np.ascontiguousarray(rows, dtype=np.float32)[None]
+
+    def _preprocess(self, rgb: np.ndarray):
+        kw = dict(self._pre_kwargs)
+        if self.threads:
+            kw["num_threads"] = int(self.threads)
+        return self._ops.preprocess(rgb, **kw)
+
+    def _run(self, rgb: np.ndarray, opts: DecodeOptions, skip_if_real: float | None, t0: float):
+        clock = time.perf_counter
+        timings: dict[str, float] = dict.fromkeys(_STAGES, 0.0)
+        H, W = int(rgb.shape[0]), int(rgb.shape[1])
+
+        s = clock()
+        clip_px, sam_px, resized = self._preprocess(rgb)
+        resized = (int(resized[0]), int(resized[1]))
+        timings["preprocess"] = clock() - t0  # includes decoding the picture
+
+        def sam_job() -> np.ndarray:
+            s = clock()
+            emb = self._backend.sam_encoder(sam_px)
+            timings["sam_encoder"] = clock() - s
+            return emb
+
+        gated = skip_if_real is not None
+        sam_future: Future | None = None if gated else self._sam_pool.submit(sam_job)
+
+        s = clock()
+        image_embeds, cls_logits = self._backend.vision(clip_px)
+        timings["vision"] = clock() - s
+
+        verdict = fake_p = label = logits_list = None
+        if cls_logits is not None:
+            z = np.asarray(cls_logits, dtype=np.float64).reshape(-1)  # [2]: index 0 = fake, 1 = real
+            e = np.exp(z - z.max())
+            p = e / e.sum()
+            fake_p = float(p[0])
+            label = int(np.argmax(z))  # a tie goes to index 0 (fake), as torch.argmax in the reference
+            verdict = "real" if label == 1 else "fake"
+            logits_list = [float(v) for v in z]
+            if gated and float(p[1]) >= float(skip_if_real):
+                timings["total"] = clock() - t0
+                timings["time_to_first_token"] = float("nan")
+                timings["time_to_first_mask"] = float("nan")
+                result = Result(
+                    verdict=verdict,
+                    fake_probability=fake_p,
+                    explanation=None,
+                    text=None,
+                    token_ids=[],
+                    artifacts=[],
+                    mask=np.zeros((H, W), dtype=bool),
+                    timings=timings,
+                    label=label,
+                    cls_logits=logits_list,
+                    skipped=True,
+                    image_size=(H, W),
+                )
+                yield DoneEvent(result)
+                return
+        if sam_future is None:
+            sam_future = self._sam_pool.submit(sam_job)
+
+        llm = self._backend.llm
+        s = clock()
+        cache = llm.clone_cache(self._prefix_cache, self.prompt_length + opts.max_new_tokens)
+        first = np.concatenate(
+            [
+                np.asarray(image_embeds, dtype=np.float32).reshape(1, -1, self.hidden_size),
+                self._embed_ids(self.suffix_ids),
+            ],
+            axis=1,
+        )  # [1, 576 + len(suffix), H]
+        clone_s = clock() - s
+
+        prompt_ids = self.prefix_ids + self.suffix_ids  # decoded with the answer (image index removed)
+        text_stream = self.detok.stream(prompt_ids)
+        generated: list[int] = []
+        mask_futures: list[Future] = []
+        artifacts: list[Artifact] = []
+        emitted = 0
+        mask_time = [0.0]
+        first_mask_at = [float("nan")]
+        decode_s, steps = 0.0, 0
+
+        def mask_job(hidden: np.ndarray, index: int, token_index: int, phrase: str | None) -> Artifact:
+            embedding = sam_future.result()  # the SAM encoder usually finished long ago
+            s = clock()
+            low = self._backend.mask_head(hidden[None].astype(np.float32), embedding)  # [1, 256, 256]
+            masks, _union, bboxes, areas = self._ops.postprocess_masks(
+                np.ascontiguousarray(low, dtype=np.float32), resized, (H, W), with_stats=True
+            )
+            with self._lock:
+                mask_time[0] += clock() - s
+            b = bboxes[0]
+            return Artifact(
+                phrase=phrase,
+                mask=masks[0],
+                bbox=(int(b[0]), int(b[1]), int(b[2]), int(b[3])),
+                area=int(areas[0]),
+                index=index,
+                token_index=token_index,
+            )
+
+        def ready_masks(block: bool) -> Iterator[MaskEvent]:
+            nonlocal emitted
+            while emitted < len(mask_futures) and (block or mask_futures[emitted].done()):
+                art = mask_futures[emitted].result()
+                if math.isnan(first_mask_at[0]):
+                    first_mask_at[0] = clock() - t0
+                artifacts.append(art)
+                emitted += 1
+                yield MaskEvent(art)
+
+        for step in generate(llm, cache, first, self._embed_ids, opts, self.eos_id, clock):
+            if steps == 0 and not generated:
+                timings["prefill"] = step.seconds + clone_s
+                timings["time_to_first_token"] = clock() - t0
+            else:
+                decode_s += step.seconds
+                steps += 1
+            generated.append(step.token_id)
+            delta = text_stream.push(step.token_id)
+            if step.token_id == self.seg_id:
+                phrase = self._phrase_for(prompt_ids, generated, len(mask_futures))
+                mask_futures.append(
+                    self._mask_pool.submit(
+                        mask_job, step.hidden, len(mask_futures), len(generated) - 1, phrase
+                    )
+                )
+            yield TokenEvent(step.token_id, delta)
+            yield from ready_masks(block=False)
+        timings["decode"] = decode_s
+        timings["decode_tokens"] = float(steps)
+        timings["ms_per_token"] = 1000.0 * decode_s / steps if steps else 0.0
+        s = clock()
+        yield from ready_masks(block=True)
+        timings["wait_masks"] = clock() - s
+        if not sam_future.done():  # no [SEG]: the SAM embedding is unused; do not make the caller wait for it
+            sam_future.cancel()
+        timings["masks"] = mask_time[0]
+        timings["time_to_first_mask"] = first_mask_at[0]
+
+        from .text import postprocess_text
+
+        decoded = self.detok.decode(prompt_ids + generated)
+        out = postprocess_text(decoded)
+        from .text import pair_phrases
+
+        final_phrases = list(pair_phrases(out.answer))
+        for i, a in enumerate(artifacts):
+            # The full text is authoritative (it is what the reference pairs); pairing looks backwards from each
+            # [SEG], so this equals the phrase the MaskEvent carried (tests/test_engine.py checks it).
+            p = final_phrases[i] if i < len(final_phrases) else None
+            if p != a.phrase:
+                artifacts[i] = dataclasses.replace(a, phrase=p)
+        if artifacts:
+            union = np.logical_or.reduce([a.mask for a in artifacts])
+        else:
+            union = np.zeros((H, W), dtype=bool)
+        timings["total"] = clock() - t0
+        result = Result(
+            verdict=verdict,
+            fake_probability=fake_p,
+            explanation=out.explanation,
+            text=out.answer,
+            token_ids=generated,
+            artifacts=artifacts,
+            mask=union,
+            timings=timings,
+            label=label,
+            cls_logits=logits_list,
+            phrases=list(out.phrases),
+            image_size=(H, W),
+        )
+        yield DoneEvent(result)
+
+    def _phrase_for(self, prompt_ids: list[int], generated: list[int], index: int) -> str | None:
+        """The phrase paired with the ``index``-th [SEG] (nearest preceding <p>...</p>), from the text so far.
+        Pairing only looks backwards from each [SEG], so the text up to and including it decides."""
+        from .text import pair_phrases, postprocess_text
+
+        answer = postprocess_text(self.detok.decode(prompt_ids + generated)).answer
+        phrases = pair_phrases(answer)
+        return phrases[index] if index < len(phrases) else None
+
+
+def _preprocess_kwargs(pre: dict[str, Any]) -> dict[str, Any]:
+    """manifest["preprocess"] -> keyword arguments of legion_rt.ops.preprocess."""
+    clip, sam = pre["clip"], pre["sam"]
+    kw: dict[str, Any] = {
+        "clip_size": int(clip["size"]),
+        "clip_mean": tuple(float(x) for x in clip["mean"]),
+        "clip_std": tuple(float(x) for x in clip["std"]),
+        "sam_size": int(sam["size"]),
+        "sam_mean": tuple(float(x) for x in sam["mean"]),
+        "sam_std": tuple(float(x) for x in sam["std"]),
+    }
+    crop = clip.get("crop", clip.get("crop_size"))
+    if crop is not None:
+        kw["clip_crop"] = int(crop)
+    return kw
