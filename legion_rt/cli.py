@@ -154,22 +154,27 @@ def _numbered(path: Path, stem: str, multi: bool) -> Path:
     return path.with_name(f"{path.stem}-{stem}{path.suffix}") if multi else path
 
 
+def decode_all(images: list[str], max_pixels: int | None = None) -> list:
+    """Decode every picture up front: a bad one fails the command before a model is loaded or a file written."""
+    from .image import DEFAULT_MAX_PIXELS, load_image
+
+    return [load_image(p, max_pixels=max_pixels or DEFAULT_MAX_PIXELS) for p in images]
+
+
 def run_analyze(
     engine,
     images: list[str],
+    rgbs: list,
     *,
     json_path,
     overlay_path,
     masks_dir,
     opts,
     quiet: bool,
-    show_text: bool = True,
+    show_text=True,
 ) -> list:
-    from .image import load_image
     from .overlay import atomic_write_json, write_masks, write_overlay
 
-    # Decode every picture first: a bad one fails the command before anything is written.
-    rgbs = [load_image(p, max_pixels=engine.max_pixels) for p in images]
     results = []
     multi = len(images) > 1
     for path, rgb in zip(images, rgbs, strict=True):
@@ -220,12 +225,14 @@ def _request_opts(args) -> dict[str, Any]:
 
 
 def cmd_analyze(args) -> int:
+    rgbs = decode_all(args.images)
     engine = _engine_from_args(args)
     if not args.quiet:
         _info(f"backend: {engine.backend_name} ({', '.join(engine.providers)})")
     run_analyze(
         engine,
         args.images,
+        rgbs,
         json_path=args.json,
         overlay_path=args.overlay,
         masks_dir=args.masks_dir,
@@ -293,6 +300,7 @@ def cmd_demo(args) -> int:
     run_analyze(
         engine,
         [str(picture)],
+        decode_all([str(picture)]),
         json_path=out / "result.json",
         overlay_path=out / "overlay.png",
         masks_dir=out / "masks",

@@ -153,11 +153,14 @@ class Engine:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         mask_workers: int = 1,
     ):
+        self.art: Artifacts = load_artifacts(
+            artifacts, verify=verify
+        )  # first: a bad ART fails before anything
+
         from . import ops
         from .backends import create_backend
         from .text import Detokenizer
 
-        self.art: Artifacts = load_artifacts(artifacts, verify=verify)
         self.max_pixels = int(max_pixels)
         self.threads = threads
         self._ops = ops

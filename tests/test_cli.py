@@ -1,0 +1,175 @@
+"""``legion-rt`` command line: exit status (0 / 2 usage / 1 failure), one clear stderr line and no traceback on bad
+input, JSON / overlay / mask files written, and no partial file left behind on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "legion_rt" / "assets" / "demo.jpg"
+
+
+def _cli(*args, env=None, timeout=300):
+    """Run ``python -m legion_rt`` in a subprocess (what a user runs), from the source tree."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e.pop("LEGION_RT_DEBUG", None)
+    e.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "legion_rt", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def _one_error_line(proc, pattern: str):
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("legion-rt: error:")]
+    assert len(lines) == 1, proc.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_usage_errors_exit_2():
+    assert _cli().returncode == 2
+    assert _cli("analyze").returncode == 2  # IMAGE and --artifacts missing
+    p = _cli("analyze", DEMO, "--artifacts", "x", "--max-new-tokens", "0")
+    assert p.returncode == 2 and "--max-new-tokens" in p.stderr and "Traceback" not in p.stderr
+    p = _cli("analyze", DEMO, "--artifacts", "x", "--skip-if-real", "1.5")
+    assert p.returncode == 2 and "1.5" in p.stderr
+    p = _cli("analyze", DEMO, "--artifacts", "x", "--backend", "magic")
+    assert p.returncode == 2
+    assert _cli("--version").returncode == 0
+    assert _cli("analyze", "--help").returncode == 0
+
+
+def test_bad_files_exit_1_one_line(tmp_path):
+    p = _cli("analyze", tmp_path / "missing.jpg", "--artifacts", tmp_path)
+    assert p.returncode == 1
+    _one_error_line(p, "missing.jpg")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG not really")
+    p = _cli("analyze", junk, "--artifacts", tmp_path, "--json", tmp_path / "out.json")
+    assert p.returncode == 1
+    _one_error_line(p, "junk.png")
+    assert not (tmp_path / "out.json").exists()
+    p = _cli("analyze", DEMO, "--artifacts", tmp_path / "no-art")
+    assert p.returncode == 1
+    _one_error_line(p, "no-art")
+    p = _cli("build-engines", tmp_path / "no-art")
+    assert p.returncode == 1
+    _one_error_line(p, "no-art")
+
+
+def test_export_without_torch_is_a_clear_error(tmp_path):
+    # A meta-path finder hides torch: the export-stage commands must say what to install.
+    stub = tmp_path / "sitecustomize.py"
+    stub.write_text(
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'torch':\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    p = _cli("make-tiny", "--out", tmp_path / "t", env=env)
+    assert p.returncode == 1
+    _one_error_line(p, "export")
+    assert not (tmp_path / "t").exists()
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    from legion_rt.overlay import atomic_write_bytes, atomic_write_json
+
+    target = tmp_path / "out.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(target, {"a": object()})  # not serializable: fails before anything is written
+    assert json.loads(target.read_text()) == {"a": 1}
+
+    def failing_write(*_a, **_k):
+        raise OSError("disk full")
+
+    import legion_rt.overlay as ov
+
+    real = ov.os.fsync
+    ov.os.fsync = failing_write
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            atomic_write_bytes(tmp_path / "x.png", b"data")
+    finally:
+        ov.os.fsync = real
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp file, no x.png
+
+
+@pytest.mark.slow
+def test_analyze_writes_json_overlay_masks(tmp_path, tiny_artifacts):
+    picture = tmp_path / "pic.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((61, 83, 3)) * 255).astype(np.uint8)).save(picture)
+    p = _cli(
+        "analyze",
+        picture,
+        "--artifacts",
+        tiny_artifacts,
+        "--json",
+        tmp_path / "out" / "r.json",
+        "--overlay",
+        tmp_path / "out" / "o.png",
+        "--masks-dir",
+        tmp_path / "out" / "masks",
+        "--max-new-tokens",
+        "24",
+        "--threads",
+        "1",
+    )
+    assert p.returncode == 0, p.stderr
+    doc = json.loads((tmp_path / "out" / "r.json").read_text())
+    assert doc["image"] == str(picture)
+    assert len(doc["token_ids"]) >= 1 and doc["verdict"] in ("fake", "real")
+    assert set(doc["timings"]) >= {
+        "preprocess",
+        "vision",
+        "sam_encoder",
+        "prefill",
+        "decode",
+        "masks",
+        "total",
+    }
+    with Image.open(tmp_path / "out" / "o.png") as im:
+        assert im.size == (83, 61) and im.mode == "RGB"
+    masks = sorted((tmp_path / "out" / "masks").iterdir())
+    assert masks[-1].name == "pic_union.png" and len(masks) == 1 + len(doc["artifacts"])
+    # streamed text reached stdout
+    from legion_rt.engine import Engine
+
+    res = Engine(tiny_artifacts, threads=1).analyze(picture, max_new_tokens=24)
+    assert res.token_ids == doc["token_ids"]
+    streamed = p.stdout.strip()
+    assert streamed, "no streamed text on stdout"
+    # bad --max-new-tokens beyond the model's positions: a request error (exit 2), nothing written
+    p = _cli(
+        "analyze",
+        picture,
+        "--artifacts",
+        tiny_artifacts,
+        "--max-new-tokens",
+        "100000",
+        "--json",
+        tmp_path / "bad.json",
+    )
+    assert p.returncode == 2
+    _one_error_line(p, "max_new_tokens")
+    assert not (tmp_path / "bad.json").exists()
