@@ -388,3 +388,147 @@ def write_tiny_tokenizer(ckpt_dir: str | Path) -> int:
     }
     (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return vocab + len(ADDED_TOKENS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizer.json for the runtime
+# ----------------------------------------------------------------------------------------------------------------
+
+# sentencepiece ModelProto.SentencePiece.Type values.
+_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED, _SP_UNUSED, _SP_BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _sp_pieces(model_path: Path) -> tuple[list[tuple[str, int]], object]:
+    """[(piece, type)] in id order and the parsed ModelProto of a sentencepiece model file."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    try:
+        proto.ParseFromString(model_path.read_bytes())
+    except Exception as err:  # protobuf raises its own DecodeError type
+        raise CheckpointError(f"{model_path}: not a sentencepiece model ({err})") from err
+    return [(p.piece, p.type) for p in proto.pieces], proto
+
+
+def write_tokenizer_json(tokenizer_dir: str | Path, out_path: str | Path) -> Path:
+    """Convert the checkpoint's tokenizer to a ``tokenizers`` ``tokenizer.json`` (what the runtime decodes with).
+
+    The file is a regular LLaMA-style ``tokenizers`` BPE file (vocabulary = the sentencepiece pieces in id order,
+    merges derived from the vocabulary as transformers' converter does, byte fallback, "▁" metaspace normalizer and
+    decoder) plus ``added_tokens``: the slow tokenizer's special tokens that are sentencepiece pieces (``<unk>``,
+    ``<s>``, ``</s>``: ``"special": true``) and the added tokens of ``added_tokens.json`` (ids >= the sentencepiece
+    vocabulary size, ``"special": false`` as 4.28 loads them). ``legion_rt.text.Detokenizer`` relies on exactly
+    this: ``model.vocab`` gives id -> piece, pieces ``<0xHH>`` are byte-fallback pieces, added_tokens with
+    ``special`` and id < len(vocab) are the slow tokenizer's ``all_special_tokens``, those with id >= len(vocab) are
+    its added tokens. Do not use the file's encoder for prompt ids: they come from ``prompt_ids``.
+    """
+    d = Path(tokenizer_dir)
+    tok = SlowLlamaTokenizer.from_dir(d)
+    pieces, proto = _sp_pieces(d / "tokenizer.model")
+    if proto.trainer_spec.model_type != 2:  # BPE
+        raise CheckpointError(
+            f"{d / 'tokenizer.model'}: not a BPE sentencepiece model (LLaMA tokenizers are BPE)"
+        )
+    if not proto.normalizer_spec.add_dummy_prefix or proto.normalizer_spec.remove_extra_whitespaces:
+        raise CheckpointError(
+            f"{d / 'tokenizer.model'}: expected LLaMA's normalizer (add_dummy_prefix, remove_extra_whitespaces off)"
+        )
+    vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+    added_tokens = []
+    for i, (piece, kind) in enumerate(pieces):
+        if kind in (_SP_UNKNOWN, _SP_CONTROL):
+            # 4.28 decodes these only through convert_tokens_to_string's special-token branch; a control piece that
+            # is not a special token would reach sentencepiece (empty surface), which the runtime does not model.
+            if piece not in tok.special:
+                raise CheckpointError(
+                    f"{d / 'tokenizer.model'}: control piece {piece!r} (id {i}) is not a special token"
+                )
+            added_tokens.append(
+                {
+                    "id": i,
+                    "content": piece,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": True,
+                }  # fmt: skip
+            )
+        elif kind not in (_SP_NORMAL, _SP_BYTE):
+            raise CheckpointError(
+                f"{d / 'tokenizer.model'}: unsupported piece type {kind} of {piece!r} (id {i})"
+            )
+    for content, i in sorted(tok.added.items(), key=lambda kv: kv[1]):
+        added_tokens.append(
+            {
+                "id": i,
+                "content": content,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": False,
+            }  # fmt: skip
+        )
+    # Merges as transformers' SentencePieceExtractor orders them: by the merged piece's id, then by the ids of
+    # the two halves.
+    merges = []
+    for piece, kind in pieces:
+        if kind != _SP_NORMAL:
+            continue
+        local = [
+            (piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab
+        ]
+        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        merges.extend([list(lr) for lr in local])
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    doc = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added_tokens,
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            ],
+        },
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                bos,
+                {"Sequence": {"id": "A", "type_id": 0}},
+                bos,
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [tok.bos_id], "tokens": ["<s>"]}},
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "vocab": vocab,
+            "merges": merges,
+        },
+    }
+    out = Path(out_path)
+    out.write_text(
+        json.dumps(doc, ensure_ascii=False, indent=None, separators=(",", ":")) + "\n", encoding="utf-8"
+    )
+    return out
