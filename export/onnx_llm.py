@@ -123,7 +123,11 @@ class _Weights:
         tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
         tensor.dims.extend(arr.shape)
         tensor.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.data_path.name), ("offset", self._offset), ("length", arr.nbytes)):
+        for key, value in (
+            ("location", self.data_path.name),
+            ("offset", self._offset),
+            ("length", arr.nbytes),
+        ):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, str(value)
         self._offset += arr.nbytes
@@ -140,7 +144,9 @@ class _Builder:
     nodes: list = field(default_factory=list)
     count: int = 0
 
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, *, domain: str = "", name: str = "", **attrs):
+    def op(
+        self, op_type: str, inputs: list[str], n_out: int = 1, *, domain: str = "", name: str = "", **attrs
+    ):
         import onnx
 
         self.count += 1
@@ -160,7 +166,9 @@ def llm_param_bytes(llm, precision: str) -> int:
     return sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n) * per
 
 
-def build_llm_graph(llm, out_path: str | os.PathLike, *, precision: str = "fp32", max_positions: int | None = None):
+def build_llm_graph(
+    llm, out_path: str | os.PathLike, *, precision: str = "fp32", max_positions: int | None = None
+):
     """Write llm.onnx (and llm.onnx.data when the weights pass 2 GB) for ``llm`` (a LlamaForCausalLM).
 
     Returns the LlmGraphInfo to store in the manifest. Raises ExportError for models it cannot represent.
@@ -210,8 +218,14 @@ def build_llm_graph(llm, out_path: str | os.PathLike, *, precision: str = "fp32"
     minus_one = w.add("last_position", np.array(-1, dtype=np.int64), keep_dtype=True)
 
     info = LlmGraphInfo(
-        num_layers=L, num_heads=NH, num_kv_heads=KVH, head_dim=D, hidden_size=H, vocab_size=V,
-        max_positions=P, kv_dtype="float16" if precision == "fp16" else "float32",
+        num_layers=L,
+        num_heads=NH,
+        num_kv_heads=KVH,
+        head_dim=D,
+        hidden_size=H,
+        vocab_size=V,
+        max_positions=P,
+        kv_dtype="float16" if precision == "fp16" else "float32",
         external_data=data_path.name if data_path else None,
     )
     graph_inputs = [helper.make_tensor_value_info(info.inputs_embeds, TensorProto.FLOAT, ["batch", "seq", H])]
@@ -224,9 +238,14 @@ def build_llm_graph(llm, out_path: str | os.PathLike, *, precision: str = "fp32"
         x = b.op("Cast", [x], to=TensorProto.FLOAT16, name="embeds_to_fp16")
 
     residual = x
-    normed = b.op("SimplifiedLayerNormalization", [x, w.add("model.layers.0.input_layernorm.weight",
-                  _np(sd["model.layers.0.input_layernorm.weight"]))], axis=-1, epsilon=eps, stash_type=1,
-                  name="layers.0.input_layernorm")
+    normed = b.op(
+        "SimplifiedLayerNormalization",
+        [x, w.add("model.layers.0.input_layernorm.weight", _np(sd["model.layers.0.input_layernorm.weight"]))],
+        axis=-1,
+        epsilon=eps,
+        stash_type=1,
+        name="layers.0.input_layernorm",
+    )
     for i in range(L):
         p = f"model.layers.{i}"
         attn = p + ".self_attn"
@@ -243,18 +262,35 @@ def build_llm_graph(llm, out_path: str | os.PathLike, *, precision: str = "fp32"
         graph_outputs += [helper.make_tensor_value_info(n, onnx_t, cache_shape) for n in (pres_k, pres_v)]
         b.count += 1
         attn_out = f"{attn}/gqa_out"
-        b.nodes.append(helper.make_node(
-            "GroupQueryAttention",
-            [qkv, "", "", past_k, past_v, info.seqlens_k, info.total_sequence_length, cos_name, sin_name],
-            [attn_out, pres_k, pres_v], name=f"{attn}.gqa", domain="com.microsoft",
-            num_heads=NH, kv_num_heads=KVH, do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(D),
-        ))
+        b.nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [qkv, "", "", past_k, past_v, info.seqlens_k, info.total_sequence_length, cos_name, sin_name],
+                [attn_out, pres_k, pres_v],
+                name=f"{attn}.gqa",
+                domain="com.microsoft",
+                num_heads=NH,
+                kv_num_heads=KVH,
+                do_rotary=1,
+                rotary_interleaved=0,
+                scale=1.0 / math.sqrt(D),
+            )
+        )
         o = matmul(attn_out, f"{attn}.o_proj")
         # residual + attention, then post_attention_layernorm, in one fused op
         normed, _, _, residual = b.op(
             "SkipSimplifiedLayerNormalization",
-            [o, residual, w.add(f"{p}.post_attention_layernorm.weight", _np(sd[f"{p}.post_attention_layernorm.weight"]))],
-            n_out=4, domain="com.microsoft", epsilon=eps, name=f"{p}.post_attention_layernorm",
+            [
+                o,
+                residual,
+                w.add(
+                    f"{p}.post_attention_layernorm.weight", _np(sd[f"{p}.post_attention_layernorm.weight"])
+                ),
+            ],
+            n_out=4,
+            domain="com.microsoft",
+            epsilon=eps,
+            name=f"{p}.post_attention_layernorm",
         )
         mlp = p + ".mlp"
         gate = matmul(normed, f"{mlp}.gate_proj")
@@ -265,7 +301,10 @@ def build_llm_graph(llm, out_path: str | os.PathLike, *, precision: str = "fp32"
         normed, _, _, residual = b.op(
             "SkipSimplifiedLayerNormalization",
             [down, residual, w.add(next_norm + ".weight", _np(sd[next_norm + ".weight"]))],
-            n_out=4, domain="com.microsoft", epsilon=eps, name=next_norm,
+            n_out=4,
+            domain="com.microsoft",
+            epsilon=eps,
+            name=next_norm,
         )
     # normed is now model.norm(h) for every position: keep the last one only.
     last = b.op("Gather", [normed, minus_one], axis=1, name="last_position")  # [B, H]

@@ -19,14 +19,23 @@ LOGITS_ATOL = 1e-5
 HIDDEN_ATOL = 5e-6
 
 
-def _llama(seed: int, *, hidden=64, layers=2, heads=4, kv_heads=2, inter=160, vocab=300, max_pos=256, theta=10000.0):
+def _llama(
+    seed: int, *, hidden=64, layers=2, heads=4, kv_heads=2, inter=160, vocab=300, max_pos=256, theta=10000.0
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        intermediate_size=inter, vocab_size=vocab, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": theta}, attn_implementation="eager",
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        attn_implementation="eager",
     )
     model = LlamaForCausalLM(cfg).eval()
     # Default init gives near-uniform logits; widen them so greedy decoding is a meaningful check.
@@ -42,8 +51,9 @@ def _runner(model, tmp_path, name="llm.onnx", threads=1) -> OrtLLM:
 
 def _eager_step(model, embeds, cache):
     with torch.no_grad():
-        out = model(inputs_embeds=torch.from_numpy(embeds), cache=cache, use_cache=True,
-                    output_hidden_states=True)
+        out = model(
+            inputs_embeds=torch.from_numpy(embeds), cache=cache, use_cache=True, output_hidden_states=True
+        )
     return out.logits[0, -1].numpy(), out.hidden_states[-1][0, -1].numpy(), out.cache
 
 
@@ -108,7 +118,7 @@ def test_clone_cache_is_an_independent_copy(tmp_path):
     # A second clone is unaffected by what the first one wrote, and so is the source.
     second = runner.clone_cache(prefix, 12)
     runner.forward(second, c)
-    for before, now in zip(kv_before, prefix.keys + prefix.values):
+    for before, now in zip(kv_before, prefix.keys + prefix.values, strict=False):
         np.testing.assert_array_equal(before, now)
     got2, _ = runner.forward(second, b)
     ref = runner.clone_cache(prefix, 12)
@@ -126,7 +136,7 @@ def test_decode_step_writes_one_position_in_place(tmp_path):
     runner.forward(cache, np.ones((1, 3, 64), np.float32))
     before = [k.copy() for k in cache.keys + cache.values]
     runner.forward(cache, np.ones((1, 1, 64), np.float32))
-    for old, new in zip(before, cache.keys + cache.values):
+    for old, new in zip(before, cache.keys + cache.values, strict=False):
         np.testing.assert_array_equal(old[:, :, :3], new[:, :, :3])  # earlier rows untouched
         assert np.abs(new[:, :, 3]).sum() > 0 and not np.any(old[:, :, 3])  # position 3 written
         assert not np.any(new[:, :, 4:])  # nothing beyond
@@ -164,7 +174,7 @@ def test_threads_with_separate_caches_give_identical_results(tmp_path):
     sequential = [run(x) for x in inputs]
     with ThreadPoolExecutor(4) as pool:
         parallel = list(pool.map(run, inputs))
-    for s, p in zip(sequential, parallel):
+    for s, p in zip(sequential, parallel, strict=False):
         np.testing.assert_array_equal(s, p)
 
 
@@ -176,12 +186,20 @@ def test_ms_per_token_context_1024_vs_128_small(tmp_path):
 
     small = CONFIGS["small"]
     model = _llama(
-        0, hidden=small.hidden_size, layers=small.num_layers, heads=small.num_heads, kv_heads=small.num_kv_heads,
-        inter=small.intermediate_size, vocab=small.vocab_size, max_pos=2048,
+        0,
+        hidden=small.hidden_size,
+        layers=small.num_layers,
+        heads=small.num_heads,
+        kv_heads=small.num_kv_heads,
+        inter=small.intermediate_size,
+        vocab=small.vocab_size,
+        max_pos=2048,
     )
     runner = _runner(model, tmp_path, threads=2)
     ms = {ctx: measure_ms_per_token(runner, ctx, steps=24) for ctx in (128, 1024)}
     ratio = ms[1024] / ms[128]
-    print(f"\nsmall LLM decode: {ms[128]:.3f} ms/token @128, {ms[1024]:.3f} ms/token @1024, ratio {ratio:.2f}")
+    print(
+        f"\nsmall LLM decode: {ms[128]:.3f} ms/token @128, {ms[1024]:.3f} ms/token @1024, ratio {ratio:.2f}"
+    )
     # A copy of the whole cache per step would make this grow with the context; 2.0 leaves room for noise.
     assert ratio < 2.0

@@ -63,21 +63,38 @@ class OrtLLM:
             self.vocab_size = int(g["vocab_size"])
             self.max_positions = int(g["max_positions"])
             self.kv_dtype = np.dtype(g["kv_dtype"])
-            self.names = {k: g[k] for k in ("inputs_embeds", "seqlens_k", "total_sequence_length", "logits",
-                                            "hidden", "past_key", "past_value", "present_key", "present_value")}
+            self.names = {
+                k: g[k]
+                for k in (
+                    "inputs_embeds",
+                    "seqlens_k",
+                    "total_sequence_length",
+                    "logits",
+                    "hidden",
+                    "past_key",
+                    "past_value",
+                    "present_key",
+                    "present_value",
+                )
+            }
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"manifest.json: graphs.llm is incomplete or invalid ({err!r})") from None
         if self.kind not in SUPPORTED_KINDS:
-            raise ArtifactError(f"manifest.json: llm graph kind {self.kind!r} is not supported by this runtime")
+            raise ArtifactError(
+                f"manifest.json: llm graph kind {self.kind!r} is not supported by this runtime"
+            )
         if isinstance(session_or_path, (str, os.PathLike)):
             opts = ort.SessionOptions()
             if threads:
                 opts.intra_op_num_threads = int(threads)
             try:
-                session_or_path = ort.InferenceSession(os.fspath(session_or_path), opts,
-                                                       providers=["CPUExecutionProvider"])
+                session_or_path = ort.InferenceSession(
+                    os.fspath(session_or_path), opts, providers=["CPUExecutionProvider"]
+                )
             except Exception as err:  # onnxruntime raises its own exception types
-                raise BackendError(f"{os.fspath(session_or_path)}: cannot create an ONNX Runtime session: {err}") from None
+                raise BackendError(
+                    f"{os.fspath(session_or_path)}: cannot create an ONNX Runtime session: {err}"
+                ) from None
         self.session = session_or_path
         provider = self.session.get_providers()[0]
         # KV buffers live where the attention runs: host memory for CPU, device memory for CUDA.
@@ -92,8 +109,10 @@ class OrtLLM:
         """A cache with room for ``max_len`` positions (prompt + max_new_tokens)."""
         max_len = int(max_len)
         if not 1 <= max_len <= self.max_positions:
-            raise RequestError(f"KV cache length {max_len} is outside 1..{self.max_positions} "
-                               "(the model's max_position_embeddings)")
+            raise RequestError(
+                f"KV cache length {max_len} is outside 1..{self.max_positions} "
+                "(the model's max_position_embeddings)"
+            )
         cache = KVCache(max_len=max_len)
         shape = (1, self.num_kv_heads, max_len, self.head_dim)
         for _ in range(self.num_layers):
@@ -105,22 +124,29 @@ class OrtLLM:
                     ort_values.append(self._ort.OrtValue.ortvalue_from_numpy(arr))  # shares arr's memory
                 else:
                     arrays.append(None)
-                    ort_values.append(self._ort.OrtValue.ortvalue_from_shape_and_type(
-                        shape, self.kv_dtype, self.device, self.device_id))
+                    ort_values.append(
+                        self._ort.OrtValue.ortvalue_from_shape_and_type(
+                            shape, self.kv_dtype, self.device, self.device_id
+                        )
+                    )
         return cache
 
     def clone_cache(self, cache: KVCache, max_len: int) -> KVCache:
         """A new cache of capacity ``max_len`` holding a copy of ``cache``'s filled positions (prefix reuse).
         Costs a copy of the filled positions only (on CPU)."""
         if max_len < cache.length:
-            raise RequestError(f"clone_cache: max_len {max_len} is smaller than the cached length {cache.length}")
+            raise RequestError(
+                f"clone_cache: max_len {max_len} is smaller than the cached length {cache.length}"
+            )
         new = self.new_cache(max_len)
         n = cache.length
         if self.device == "cpu":
-            for src, dst in zip(cache.keys + cache.values, new.keys + new.values):
+            for src, dst in zip(cache.keys + cache.values, new.keys + new.values, strict=False):
                 dst[:, :, :n, :] = src[:, :, :n, :]
         else:  # device buffers: go through the host once per request (never per step)
-            for src, dst in zip(cache.ort_keys + cache.ort_values, new.ort_keys + new.ort_values):
+            for src, dst in zip(
+                cache.ort_keys + cache.ort_values, new.ort_keys + new.ort_values, strict=False
+            ):
                 host = np.zeros((1, self.num_kv_heads, max_len, self.head_dim), dtype=self.kv_dtype)
                 host[:, :, :n, :] = src.numpy()[:, :, :n, :]
                 dst.update_inplace(host)
@@ -132,12 +158,19 @@ class OrtLLM:
         """Run the S positions of ``embeds`` (f32 [1, S, H]) after the cache's filled positions, writing their
         K/V in place. Returns (logits f32 [V], hidden f32 [H]) of the last position; cache.length += S."""
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
-        if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != self.hidden_size or embeds.shape[1] < 1:
+        if (
+            embeds.ndim != 3
+            or embeds.shape[0] != 1
+            or embeds.shape[2] != self.hidden_size
+            or embeds.shape[1] < 1
+        ):
             raise RequestError(f"LLM embeds shape {embeds.shape}: expected [1, S>=1, {self.hidden_size}]")
         S = embeds.shape[1]
         total = cache.length + S
         if total > cache.max_len:
-            raise RequestError(f"KV cache overflow: {cache.length} cached + {S} new positions > capacity {cache.max_len}")
+            raise RequestError(
+                f"KV cache overflow: {cache.length} cached + {S} new positions > capacity {cache.max_len}"
+            )
         cache.seqlens_k[0] = total - 1
         cache.total[...] = total
         n = self.names
@@ -164,8 +197,9 @@ class OrtLLM:
         return logits, hidden
 
 
-def measure_ms_per_token(runner: OrtLLM, context: int, *, steps: int = 32, warmup: int = 4, seed: int = 0,
-                         prefill_chunk: int = 256) -> float:
+def measure_ms_per_token(
+    runner: OrtLLM, context: int, *, steps: int = 32, warmup: int = 4, seed: int = 0, prefill_chunk: int = 256
+) -> float:
     """Median milliseconds of one decode step (S=1) with ``context`` positions already in the KV cache.
 
     The cache is filled with random embeddings (prefill in chunks of ``prefill_chunk``); the numbers measure the
