@@ -42,6 +42,7 @@ from .artifacts import Artifacts, load_artifacts
 from .decode import DecodeOptions, generate
 from .errors import ArtifactError, RequestError
 from .image import DEFAULT_MAX_PIXELS, load_image
+from .text import Detokenizer, pair_phrases, postprocess_text
 
 # ------------------------------------------------------------------------------------------------ results
 
@@ -159,7 +160,6 @@ class Engine:
 
         from . import ops
         from .backends import create_backend
-        from .text import Detokenizer
 
         self.max_pixels = int(max_pixels)
         self.threads = threads
@@ -362,29 +362,56 @@ class Engine:
         first_mask_at = [float("nan")]
         decode_s, steps = 0.0, 0
 
-        def mask_job(hidden: np.ndarray, index: int, token_index: int, phrase: str | None) -> Artifact:
+        def mask_job(hidden: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], int]:
             embedding = sam_future.result()  # the SAM encoder usually finished long ago
             s = clock()
             low = self._backend.mask_head(hidden[None].astype(np.float32), embedding)  # [1, 256, 256]
             masks, _union, bboxes, areas = self._ops.postprocess_masks(
-                np.ascontiguousarray(low, dtype=np.float32), resized, (H, W), with_stats=True
+                np.ascontiguousarray(low, dtype=np.float32),
+                resized,
+                (H, W),
+                with_stats=True,
+                num_threads=self.threads,
             )
             with self._lock:
                 mask_time[0] += clock() - s
             b = bboxes[0]
-            return Artifact(
-                phrase=phrase,
-                mask=masks[0],
-                bbox=(int(b[0]), int(b[1]), int(b[2]), int(b[3])),
-                area=int(areas[0]),
-                index=index,
-                token_index=token_index,
-            )
+            return masks[0], (int(b[0]), int(b[1]), int(b[2]), int(b[3])), int(areas[0])
 
-        def ready_masks(block: bool) -> Iterator[MaskEvent]:
+        seg_token_index: list[int] = []
+        # Whether the answer so far ends inside an unclosed "<p>": a [SEG] there gets that phrase once "</p>"
+        # arrives, so its MaskEvent waits for the "</p>" (or the end of generation).
+        p_state = {"open": False, "carry": ""}
+
+        def track_phrase(delta: str) -> None:
+            text = p_state["carry"] + delta  # the carry lets a tag spelled over two deltas be seen
+            i, j = text.rfind("<p>"), text.rfind("</p>")
+            if i > j:
+                p_state["open"] = True
+            elif j > i:
+                p_state["open"] = False
+            p_state["carry"] = text[-3:]
+
+        def phrase_open() -> bool:
+            return p_state["open"]
+
+        def ready_masks(final: bool) -> Iterator[MaskEvent]:
             nonlocal emitted
-            while emitted < len(mask_futures) and (block or mask_futures[emitted].done()):
-                art = mask_futures[emitted].result()
+            phrases = None
+            while emitted < len(mask_futures) and (final or mask_futures[emitted].done()):
+                if not final and phrase_open():
+                    return
+                mask, bbox, area = mask_futures[emitted].result()
+                if phrases is None:
+                    phrases = pair_phrases(self.detok, prompt_ids, generated, self.seg_id)
+                art = Artifact(
+                    phrase=phrases[emitted] if emitted < len(phrases) else None,
+                    mask=mask,
+                    bbox=bbox,
+                    area=area,
+                    index=emitted,
+                    token_index=seg_token_index[emitted],
+                )
                 if math.isnan(first_mask_at[0]):
                     first_mask_at[0] = clock() - t0
                 artifacts.append(art)
@@ -399,37 +426,34 @@ class Engine:
                 decode_s += step.seconds
                 steps += 1
             generated.append(step.token_id)
+            last = len(generated) == opts.max_new_tokens or (
+                step.token_id == self.eos_id and not opts.ignore_eos
+            )
             delta = text_stream.push(step.token_id)
+            if last:
+                delta += text_stream.flush()  # held-back bytes of an incomplete character, if any
+            track_phrase(delta)
             if step.token_id == self.seg_id:
-                phrase = self._phrase_for(prompt_ids, generated, len(mask_futures))
-                mask_futures.append(
-                    self._mask_pool.submit(
-                        mask_job, step.hidden, len(mask_futures), len(generated) - 1, phrase
-                    )
-                )
+                seg_token_index.append(len(generated) - 1)
+                mask_futures.append(self._mask_pool.submit(mask_job, step.hidden))
             yield TokenEvent(step.token_id, delta)
-            yield from ready_masks(block=False)
+            yield from ready_masks(final=False)
         timings["decode"] = decode_s
         timings["decode_tokens"] = float(steps)
         timings["ms_per_token"] = 1000.0 * decode_s / steps if steps else 0.0
         s = clock()
-        yield from ready_masks(block=True)
+        yield from ready_masks(final=True)
         timings["wait_masks"] = clock() - s
         if not sam_future.done():  # no [SEG]: the SAM embedding is unused; do not make the caller wait for it
             sam_future.cancel()
         timings["masks"] = mask_time[0]
         timings["time_to_first_mask"] = first_mask_at[0]
 
-        from .text import postprocess_text
-
-        decoded = self.detok.decode(prompt_ids + generated)
-        out = postprocess_text(decoded)
-        from .text import pair_phrases
-
-        final_phrases = list(pair_phrases(out.answer))
+        out = postprocess_text(self.detok.decode(prompt_ids + generated))
+        final_phrases = pair_phrases(self.detok, prompt_ids, generated, self.seg_id)
         for i, a in enumerate(artifacts):
-            # The full text is authoritative (it is what the reference pairs); pairing looks backwards from each
-            # [SEG], so this equals the phrase the MaskEvent carried (tests/test_engine.py checks it).
+            # The pairing on the full text is authoritative. It differs from the one a MaskEvent carried only
+            # when later text moved the answer's start (a generated "ASSISTANT: "): then the Result corrects it.
             p = final_phrases[i] if i < len(final_phrases) else None
             if p != a.phrase:
                 artifacts[i] = dataclasses.replace(a, phrase=p)
@@ -454,15 +478,6 @@ class Engine:
         )
         yield DoneEvent(result)
 
-    def _phrase_for(self, prompt_ids: list[int], generated: list[int], index: int) -> str | None:
-        """The phrase paired with the ``index``-th [SEG] (nearest preceding <p>...</p>), from the text so far.
-        Pairing only looks backwards from each [SEG], so the text up to and including it decides."""
-        from .text import pair_phrases, postprocess_text
-
-        answer = postprocess_text(self.detok.decode(prompt_ids + generated)).answer
-        phrases = pair_phrases(answer)
-        return phrases[index] if index < len(phrases) else None
-
 
 def _preprocess_kwargs(pre: dict[str, Any]) -> dict[str, Any]:
     """manifest["preprocess"] -> keyword arguments of legion_rt.ops.preprocess."""
@@ -475,7 +490,11 @@ def _preprocess_kwargs(pre: dict[str, Any]) -> dict[str, Any]:
         "sam_mean": tuple(float(x) for x in sam["mean"]),
         "sam_std": tuple(float(x) for x in sam["std"]),
     }
-    crop = clip.get("crop", clip.get("crop_size"))
-    if crop is not None:
-        kw["clip_crop"] = int(crop)
+    # The manifest's clip "size" is the square crop (336); the shortest-edge resize is the same size for every
+    # CLIP LEGION uses. An explicit "resize" / "crop" pair is honoured when present.
+    crop = clip.get("crop", clip.get("crop_size", clip["size"]))
+    crop = (int(crop), int(crop)) if isinstance(crop, (int, float)) else (int(crop[0]), int(crop[1]))
+    kw["clip_crop"] = crop
+    if "resize" in clip:
+        kw["clip_size"] = int(clip["resize"])
     return kw
