@@ -26,11 +26,13 @@ Every stage is a public method so ``benchmarks/e2e.py`` can time it on its own:
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +69,9 @@ def load_image(image: str | Path | bytes | np.ndarray) -> np.ndarray:
     """
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ImageError(f"image array must be RGB uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+            raise ImageError(
+                f"image array must be RGB uint8 [H, W, 3], got {image.dtype} {list(image.shape)}"
+            )
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise ImageError(f"image array is empty: shape {list(image.shape)}")
         return np.ascontiguousarray(image)
@@ -128,7 +132,9 @@ class PreprocessConstants:
 
         for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
             if cfg.get(flag, True) is False:
-                raise CheckpointError(f"{path}: {flag}=false is not supported (LEGION's CLIP preprocessing uses it)")
+                raise CheckpointError(
+                    f"{path}: {flag}=false is not supported (LEGION's CLIP preprocessing uses it)"
+                )
         resize = side(cfg.get("size", CLIP_SIZE), "size")
         crop = side(cfg.get("crop_size", resize), "crop_size")
         if crop > resize:
@@ -202,7 +208,10 @@ def sam_preprocess(
 
 
 def postprocess_masks(
-    low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], sam_size: int = SAM_SIZE
+    low_res: torch.Tensor,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    sam_size: int = SAM_SIZE,
 ) -> torch.Tensor:
     """SAM ``postprocess_masks`` on logits: [N, 256, 256] -> [N, H, W] float logits (threshold with ``> 0``).
 
@@ -301,7 +310,8 @@ class ReferencePipeline:
 
     ``model`` is an ``export.model.legion.LegionModel`` (fp32, eval mode). ``prompt`` holds the 4.28-exact prompt
     ids; ``seg_id``/``eos_id`` the [SEG] and </s> ids; ``decode`` maps ids to text by the slow LlamaTokenizer's rules
-    (``skip_special_tokens=False``). Use ``from_checkpoint`` to build all of it from the released layout.
+    (``skip_special_tokens=False``); ``pair_phrases(prompt_ids, generated_ids, seg_id)`` (optional) gives each [SEG]
+    its phrase. Use ``from_checkpoint`` to build all of it from the released layout.
     """
 
     def __init__(
@@ -326,6 +336,9 @@ class ReferencePipeline:
         self._embed = llm.get_input_embeddings()
         self._decoder = llm.model  # LlamaModel: its last_hidden_state is after the final RMSNorm
         self._lm_head = llm.lm_head
+        # transformers 5.x renamed LlamaModel.forward's ``past_key_values`` to ``cache`` (old name deprecated).
+        params = inspect.signature(self._decoder.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         with torch.no_grad():
             self._prefix_embeds = self._embed(torch.tensor([prompt.prefix_ids]))  # [1, P0, H]
 
@@ -339,14 +352,19 @@ class ReferencePipeline:
         detector: str | Path | None = None,
         *,
         model: Any = None,
+        attn_implementation: str = "eager",
     ) -> ReferencePipeline:
-        """Load the released layout (or a make-tiny one): model, prompt ids, tokenizer rules, CLIP constants."""
+        """Load the released layout (or a make-tiny one): model (fp32), prompt ids, tokenizer rules, CLIP constants.
+
+        ``attn_implementation`` is transformers' attention kernel ("eager" = the matmul-softmax of the original's
+        transformers 4.28 LLaMA; "sdpa" is faster for benchmarks). ``model`` skips loading (an already built
+        LegionModel of this checkpoint)."""
         from . import tokenizer as tok
 
         if model is None:
             from .checkpoint import load_legion
 
-            model = load_legion(checkpoint, clip, detector=detector)
+            model = load_legion(checkpoint, clip, detector=detector, attn_implementation=attn_implementation)
         model.eval()
         prompt = _prompt_from(tok.prompt_ids(checkpoint))
         special = _special_ids(tok, checkpoint)
@@ -391,7 +409,9 @@ class ReferencePipeline:
         return torch.cat([self._prefix_embeds, image_embeds, self._embed(tail)], dim=1)
 
     @torch.no_grad()
-    def nocache_step(self, clip_pixels: torch.Tensor, generated: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def nocache_step(
+        self, clip_pixels: torch.Tensor, generated: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of the original's decoding: CLIP + projector again, the LLM over the whole sequence, the logits
         of every position (as the original's ``lm_head(outputs[0])``). Returns (logits of the last position [V],
         final-norm hidden states of every position [S, H])."""
@@ -408,16 +428,16 @@ class ReferencePipeline:
 
         cache = _new_cache(DynamicCache, self.model.llm.config)
         embeds = self.inputs_embeds(image_embeds, [])
-        out = self._decoder(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        out = self._decoder(inputs_embeds=embeds, use_cache=True, **{self._cache_kw: cache})
         h = out.last_hidden_state[0, -1]  # [H]
-        return KVState(out.past_key_values, embeds.shape[1]), self._lm_head(h), h
+        return KVState(cache, embeds.shape[1]), self._lm_head(h), h
 
     @torch.no_grad()
     def decode_step(self, state: KVState, token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Append one token to the KV cache. Returns (logits [V], hidden [H]) of that position."""
         embeds = self._embed(torch.tensor([[token_id]], dtype=torch.long))  # [1, 1, H]
-        out = self._decoder(inputs_embeds=embeds, past_key_values=state.cache, use_cache=True)
-        state.cache, state.length = out.past_key_values, state.length + 1
+        out = self._decoder(inputs_embeds=embeds, use_cache=True, **{self._cache_kw: state.cache})
+        state.length += 1  # the DynamicCache grew in place
         h = out.last_hidden_state[0, -1]
         return self._lm_head(h), h
 
@@ -595,7 +615,8 @@ class ReferencePipeline:
         text, explanation, phrases = reference_postprocess(decoded)
         mask_phrases: list[str | None] = []
         if self.pair_phrases is not None:
-            mask_phrases = list(self.pair_phrases(text))
+            prompt = [*self.prompt.prefix_ids, *self.prompt.suffix_ids]
+            mask_phrases = list(self.pair_phrases(prompt, token_ids, self.seg_id))
         return decoded, text, explanation, phrases, mask_phrases
 
 
@@ -641,17 +662,31 @@ def _prompt_from(ids: Any) -> PromptIds:
 
 
 def _special_ids(tok: Any, checkpoint: str | Path) -> dict[str, int]:
-    """[SEG] and </s> ids of the checkpoint's tokenizer (added_tokens.json; EOS is 2 in every LLaMA vocab)."""
-    path = Path(checkpoint) / "added_tokens.json"
-    try:
-        added = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read the added tokens ({err})") from err
-    if "[SEG]" not in added:
-        raise CheckpointError(f"{path}: no [SEG] token")
-    return {"seg": int(added["[SEG]"]), "eos": 2}
+    """[SEG] and </s> ids as infer.py reads them (export.tokenizer.special_token_ids)."""
+    ids = tok.special_token_ids(checkpoint)
+    return {"seg": int(ids["seg"]), "eos": int(ids["eos"])}
 
 
 def _text_tools(tok: Any, checkpoint: str | Path) -> tuple[Callable[[list[int]], str], Any]:
-    """The slow-tokenizer decode and phrase pairing (legion_rt.text), built from the checkpoint's tokenizer files."""
-    raise NotImplementedError  # filled in once export/tokenizer.py and legion_rt/text.py exist
+    """(decode, pair).
+
+    decode: export.tokenizer.SlowLlamaTokenizer's ``decode`` (transformers 4.28's LlamaTokenizer rules on
+    sentencepiece), independent of the runtime's tokenizer.json Detokenizer, so it can serve as its oracle.
+    pair(prompt_ids, generated_ids, seg_id) -> one phrase (or None) per [SEG]: legion_rt.text.pair_phrases, which is
+    legion_rt's own addition (the reference keeps no pairing); it needs the runtime's Detokenizer, built here from a
+    temporary tokenizer.json converted from the checkpoint's tokenizer.
+    """
+    import tempfile
+
+    from legion_rt.text import Detokenizer, pair_phrases
+
+    slow = tok.SlowLlamaTokenizer.from_dir(checkpoint)
+    config = Path(checkpoint) / "tokenizer_config.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        tj = tok.write_tokenizer_json(checkpoint, Path(tmp) / "tokenizer.json")
+        det = Detokenizer.from_files(tj, config if config.is_file() else None)
+
+    def pair(prompt_ids: list[int], generated_ids: list[int], seg_id: int) -> list[str | None]:
+        return pair_phrases(det, prompt_ids, generated_ids, seg_id)
+
+    return slow.decode, pair

@@ -23,8 +23,20 @@ from legion_rt.errors import ImageError, RequestError  # noqa: E402
 
 # Odd sizes: 1- and 3-pixel-tall pictures (transformers' channels-first guess), 4-tall (5.x also guesses there),
 # off-by-one squares, very wide/tall, exact 336 and exact 1024.
-ODD_SIZES = [(1, 7), (3, 500), (4, 4), (337, 336), (336, 337), (480, 640), (641, 479), (1000, 333), (50, 2000),
-             (336, 336), (1024, 700), (1500, 1024)]
+ODD_SIZES = [
+    (1, 7),
+    (3, 500),
+    (4, 4),
+    (337, 336),
+    (336, 337),
+    (480, 640),
+    (641, 479),
+    (1000, 333),
+    (50, 2000),
+    (336, 336),
+    (1024, 700),
+    (1500, 1024),
+]
 
 
 def _rand_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -178,9 +190,143 @@ def test_load_image_is_cv2_imread_rgb(tmp_path):
 
 
 def test_reference_postprocess_transcribes_infer_py():
-    decoded = ("<s> A chat ... USER: The <im_start> <im_end> provides ...\nPlease ... ASSISTANT: The <p> red  hand"
-               " </p> [SEG] has six fingers.\n<p> 'sky' </p> [SEG]'</s>")
+    decoded = (
+        "<s> A chat ... USER: The <im_start> <im_end> provides ...\nPlease ... ASSISTANT: The <p> red  hand"
+        " </p> [SEG] has six fingers.\n<p> 'sky' </p> [SEG]'</s>"
+    )
     text, explanation, phrases = reference_postprocess(decoded)
     assert text == "The <p> red hand </p> [SEG] has six fingers.<p> 'sky' </p> [SEG]'</s>"
     assert phrases == ["red hand", "'sky'"]
     assert explanation == "The red hand has six fingers. 'sky'"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline on tiny random models: no-cache (as the original) vs KV cache
+# ---------------------------------------------------------------------------------------------------------------
+
+# The no-cache loop is quadratic (every step re-runs CLIP and the whole sequence): keep the tiny runs short.
+NOCACHE_TOKENS = 48
+PIPELINE_SIZES = [(123, 77), (5, 300), (333, 1000)]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipelines(tiny_paths, tmp_path_factory):
+    """{seed: ReferencePipeline} for seeds 0 (the shared session checkpoint), 1 and 2."""
+    from export.tiny import make_tiny
+
+    from export.reference import ReferencePipeline
+
+    torch.set_num_threads(1)
+    paths = {0: tiny_paths}
+    for seed in (1, 2):
+        paths[seed] = make_tiny(tmp_path_factory.mktemp(f"tiny-seed{seed}"), seed=seed, size="tiny")
+    return {s: ReferencePipeline.from_checkpoint(p.checkpoint, p.clip, p.detector) for s, p in paths.items()}
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nocache_and_kv_cache_agree(tiny_pipelines, seed):
+    pipe = tiny_pipelines[seed]
+    for i, (h, w) in enumerate(PIPELINE_SIZES[:2] if seed else PIPELINE_SIZES):
+        img = _rand_image(h, w, seed=100 * seed + i)
+        ref = pipe.run(img, max_new_tokens=NOCACHE_TOKENS, use_kv_cache=False)
+        kv = pipe.run(img, max_new_tokens=NOCACHE_TOKENS, use_kv_cache=True)
+        assert ref.token_ids == kv.token_ids
+        n_seg = ref.token_ids.count(pipe.seg_id)
+        assert n_seg > 0, "make-tiny must bias the LM to emit [SEG]"
+        assert ref.seg_positions == kv.seg_positions
+        assert ref.seg_hidden.shape == kv.seg_hidden.shape == (n_seg, pipe.model.cfg.hidden_size)
+        assert ref.masks.shape == kv.masks.shape == (n_seg, h, w)
+        hid_err = float((ref.seg_hidden - kv.seg_hidden).abs().max())
+        low_err = float((ref.low_res - kv.low_res).abs().max())
+        ious = [_mask_iou(a, b) for a, b in zip(ref.masks, kv.masks, strict=True)]
+        print(
+            f"seed {seed} {h}x{w}: {len(ref.token_ids)} tokens, {n_seg} [SEG], hidden err {hid_err:.2e}, "
+            f"low-res err {low_err:.2e}, min IoU {min(ious)}"
+        )
+        assert hid_err <= 1e-4 and low_err <= 1e-3  # measured: see the report (float32 re-association only)
+        assert min(ious) == 1.0
+        np.testing.assert_array_equal(ref.mask, kv.mask)
+        assert ref.explanation == kv.explanation and ref.phrases == kv.phrases
+
+
+def test_seg_hidden_alignment(tiny_pipelines):
+    """The [SEG] hidden state is the final-norm output at the position BEFORE the [SEG] (whose logits produced it):
+    recompute the whole final sequence in one forward pass and read those positions directly."""
+    pipe = tiny_pipelines[0]
+    img = _rand_image(64, 96, seed=5)
+    out = pipe.run(img, max_new_tokens=NOCACHE_TOKENS, use_kv_cache=True)
+    assert out.token_ids.count(pipe.seg_id) > 0
+    want_pos = [out.prompt_length + j - 1 for j, t in enumerate(out.token_ids) if t == pipe.seg_id]
+    assert out.seg_positions == want_pos
+    with torch.no_grad():
+        pre = pipe.preprocess(img)
+        emb = pipe.inputs_embeds(pipe.vision(pre.clip_pixels).image_embeds, out.token_ids)
+        hidden = pipe.model.llm.model(inputs_embeds=emb, use_cache=False).last_hidden_state[0]
+        # and the logits at those positions do pick [SEG]
+        picks = pipe.model.llm.lm_head(hidden[want_pos]).argmax(-1).tolist()
+    assert picks == [pipe.seg_id] * len(want_pos)
+    err = float((hidden[want_pos] - out.seg_hidden).abs().max())
+    assert err <= 1e-4, err
+
+
+def test_detector_and_text_fields(tiny_pipelines, tiny_paths):
+    from export.tokenizer import SlowLlamaTokenizer
+
+    pipe = tiny_pipelines[0]
+    img = _rand_image(77, 51, seed=9)
+    out = pipe.run(img, max_new_tokens=24, use_kv_cache=True)
+    # detector: same CLIP pass, softmax index 0 = fake
+    with torch.no_grad():
+        _, cls = pipe.model.clip_features(clip_preprocess(img, pipe.consts))
+        logits = pipe.model.detect(cls)[0]
+    assert out.cls_logits is not None
+    torch.testing.assert_close(out.cls_logits, logits, rtol=0, atol=0)
+    assert out.fake_probability == pytest.approx(float(torch.softmax(logits.double(), 0)[0]), abs=1e-12)
+    assert out.verdict == ("fake" if logits[0] >= logits[1] else "real")
+    # text: the slow tokenizer's decode of prompt (no -200) + generated, then infer.py's post-processing
+    slow = SlowLlamaTokenizer.from_dir(tiny_paths.checkpoint)
+    decoded = slow.decode([*pipe.prompt.prefix_ids, *pipe.prompt.suffix_ids, *out.token_ids])
+    assert out.decoded == decoded
+    assert (out.text, out.explanation, out.phrases) == reference_postprocess(decoded)
+    from legion_rt.text import postprocess_text
+
+    post = postprocess_text(decoded)
+    assert (post.answer, post.explanation, list(post.phrases)) == (out.text, out.explanation, out.phrases)
+    assert len(out.mask_phrases) == out.token_ids.count(pipe.seg_id)
+    assert all(p is None or p in out.phrases for p in out.mask_phrases)
+
+
+def test_run_options(tiny_pipelines):
+    pipe = tiny_pipelines[0]
+    img = _rand_image(40, 40, seed=11)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(RequestError):
+            pipe.run(img, max_new_tokens=bad)
+    out = pipe.run(img, max_new_tokens=7, use_kv_cache=True, ignore_eos=True)
+    assert len(out.token_ids) == 7
+    for key in (
+        "preprocess",
+        "vision",
+        "sam_encoder",
+        "prefill",
+        "decode",
+        "masks",
+        "total",
+        "time_to_first_token",
+    ):
+        assert out.timings[key] >= 0.0, key
+
+
+def test_mask_upsampling_matches_model_helper():
+    from export.model.sam import postprocess_masks_torch
+    from export.reference import postprocess_masks
+
+    low = torch.randn(3, 256, 256, generator=torch.Generator().manual_seed(0))
+    for resize, orig in [((768, 1024), (480, 640)), ((1024, 341), (1000, 333)), ((10, 1024), (5, 500))]:
+        ours = postprocess_masks(low, resize, orig) > 0
+        assert torch.equal(ours, postprocess_masks_torch(low, resize, orig))
