@@ -90,8 +90,8 @@ def _decode_bytes(data: bytes, final: bool) -> tuple[str, int]:
             out.append(chr(data[i]))
             i += 1
         elif n - i < need:
-            if not final:
-                break  # wait for more bytes
+            if not final and all(0x80 <= b <= 0xBF for b in data[i + 1 : n]):
+                break  # still a possible prefix of a valid character: wait for more bytes
             out.append(_REPLACEMENT)
             i += 1
         else:
