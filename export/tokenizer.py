@@ -102,14 +102,16 @@ class SlowLlamaTokenizer:
 
     ``sp`` is a ``sentencepiece.SentencePieceProcessor``. ``added`` maps each added token (``added_tokens.json``) to
     its id (>= sp vocabulary size). ``special`` holds the strings of ``all_special_tokens`` (bos, eos, unk, pad and
-    any ``additional_special_tokens``); ``no_strip`` those special tokens that are ``AddedToken`` objects without
-    lstrip/rstrip (bos/eos/unk in 4.28's LlamaTokenizer), whose neighbouring text is not stripped.
+    any ``additional_special_tokens``); ``strip_flags`` maps each special token that is an ``AddedToken`` to its
+    (lstrip, rstrip) flags: lstrip strips the text on its left, rstrip the text on its right. 4.28's LlamaTokenizer
+    makes bos/eos/unk/pad ``AddedToken(lstrip=False, rstrip=False)`` when given as strings. Every other no-split
+    token (the added tokens) is a plain string: the text on both sides is stripped.
     """
 
     sp: object
     added: dict[str, int]
     special: tuple[str, ...]
-    no_strip: frozenset[str]
+    strip_flags: dict[str, tuple[bool, bool]]
     bos_id: int
     eos_id: int
     unk_id: int
@@ -141,6 +143,19 @@ class SlowLlamaTokenizer:
         # 4.28: special_tokens_map.json entries override tokenizer_config.json's init kwargs.
         if (d / "special_tokens_map.json").is_file():
             config.update(_read_json(d / "special_tokens_map.json"))
+        # (lstrip, rstrip) of the special tokens that are AddedToken objects in 4.28. LlamaTokenizer.__init__ wraps
+        # bos/eos/unk/pad given as strings in AddedToken(lstrip=False, rstrip=False); from_pretrained turns dicts
+        # (tokenizer_config / special_tokens_map) into AddedToken; plain-string additional_special_tokens stay plain.
+        strip_flags: dict[str, tuple[bool, bool]] = {}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = config.get(key, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}.get(key))
+            if isinstance(value, dict):
+                strip_flags[_token_content(value)] = (bool(value.get("lstrip")), bool(value.get("rstrip")))
+            elif isinstance(value, str):
+                strip_flags.setdefault(value, (False, False))
+        for value in config.get("additional_special_tokens", []) or []:
+            if isinstance(value, dict):
+                strip_flags[_token_content(value)] = (bool(value.get("lstrip")), bool(value.get("rstrip")))
         bos = _token_content(config.get("bos_token", "<s>"))
         eos = _token_content(config.get("eos_token", "</s>"))
         unk = _token_content(config.get("unk_token", "<unk>"))
@@ -168,7 +183,7 @@ class SlowLlamaTokenizer:
             special=special,
             # LlamaTokenizer.__init__ wraps bos/eos/unk (and pad when given as str) in AddedToken(lstrip=False,
             # rstrip=False); additional_special_tokens given as plain strings stay plain (stripped both sides).
-            no_strip=frozenset(t for t in (bos, eos, unk, pad) if t),
+            strip_flags=strip_flags,
             bos_id=sp.piece_to_id(bos),
             eos_id=sp.piece_to_id(eos),
             unk_id=sp.piece_to_id(unk),
@@ -187,12 +202,11 @@ class SlowLlamaTokenizer:
         """``PreTrainedTokenizer.tokenize`` of 4.28 (token strings)."""
         parts = self._split_re.split(text)  # odd indices are no-split tokens
         for i in range(1, len(parts), 2):
-            if parts[i] in self.no_strip:
-                continue
             # Plain-string tokens: "We strip left and right by default".
-            if i + 1 < len(parts) and parts[i + 1]:
+            strip_left, strip_right = self.strip_flags.get(parts[i], (True, True))
+            if strip_right and i + 1 < len(parts) and parts[i + 1]:
                 parts[i + 1] = parts[i + 1].lstrip()
-            if parts[i - 1]:
+            if strip_left and parts[i - 1]:
                 parts[i - 1] = parts[i - 1].rstrip()
         out: list[str] = []
         for i, part in enumerate(parts):

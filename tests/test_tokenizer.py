@@ -161,3 +161,17 @@ def test_bad_tokenizer_dirs_raise(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(CheckpointError, match="tokenizer.model"):
         T.prompt_ids(tmp_path)
+
+
+def test_strip_flags_variant_equal_428(tok_dir, fx, tmp_path):
+    """Special tokens saved as AddedToken dicts with lstrip/rstrip (another checkpoint's files): same ids as 4.28."""
+    for name in ("tokenizer.model", "tokenizer_config.json", "added_tokens.json"):
+        (tmp_path / name).write_bytes((tok_dir / name).read_bytes())
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(fx["variant"]["special_tokens_map"]))
+    slow = T.SlowLlamaTokenizer.from_dir(tmp_path)
+    default = T.SlowLlamaTokenizer.from_dir(tok_dir)
+    differ = 0
+    for case in fx["variant"]["encodings"]:
+        assert slow.encode(case["text"]) == case["input_ids"], repr(case["text"])
+        differ += default.encode(case["text"]) != case["input_ids"]
+    assert differ >= 3  # the flags really changed some encodings
