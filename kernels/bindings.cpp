@@ -39,7 +39,7 @@ std::string shape_str(const py::array& a) {
 
 py::array as_array(const py::handle& obj, const char* name) {
   if (!py::isinstance<py::array>(obj))
-    type_error(std::string(name) + " must be a numpy.ndarray, got " + std::string(py::str(obj.get_type().attr("__name__"))));
+    type_error(std::string(name) + " must be a numpy.ndarray, got " + std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
   return py::reinterpret_borrow<py::array>(obj);
 }
 
@@ -80,7 +80,7 @@ std::pair<int, int> check_size_pair(const py::handle& obj, const char* name) {
       // Accept numpy integers too (they implement __index__), but never floats or bools.
       if (py::isinstance<py::bool_>(item) || !py::hasattr(item, "__index__"))
         type_error(std::string(name) + "[" + std::to_string(i) + "] must be an int, got " +
-                   std::string(py::str(item.get_type().attr("__name__"))));
+                   std::string(py::str(py::type::handle_of(item).attr("__name__"))));
     }
     v[i] = py::cast<int64_t>(item.attr("__index__")());
     std::string n = std::string(name) + (i == 0 ? "[0] (height)" : "[1] (width)");

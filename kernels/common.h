@@ -7,7 +7,6 @@
 #define LRT_HD inline
 #endif
 
-#ifndef __CUDACC__
 #include <algorithm>
 #include <cstdint>
 #include <exception>
@@ -58,4 +57,3 @@ void parallel_for(int64_t count, int threads, Fn fn) {
 }
 
 }  // namespace lrt
-#endif

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 
@@ -43,7 +44,6 @@ LRT_HD float clip_normalize(uint8_t v, float mean, float std_) {
 // SAM: (x - mean) / std on 0..255 values in float32 (segment_anything Sam.preprocess).
 LRT_HD float sam_normalize(uint8_t v, float mean, float std_) { return (static_cast<float>(v) - mean) / std_; }
 
-#ifndef __CUDACC__
 // One axis of a resampling plan: for every output index, the first source index, the tap count, and
 // `taps` int32 fixed-point coefficients (zero padded).
 struct AxisPlan {
@@ -56,6 +56,5 @@ struct AxisPlan {
 };
 
 AxisPlan make_axis_plan(int in_size, int out_size, Filter filter);
-#endif
 
 }  // namespace lrt
