@@ -114,13 +114,15 @@ class Detokenizer:
     the text without its first space (for the first piece of a segment); ``byte_values[i]`` the byte of a byte piece.
     """
 
-    kinds: bytes
-    texts: tuple[str, ...]
-    stripped: tuple[str, ...]
-    byte_values: bytes
+    kinds: bytes = field(repr=False)
+    texts: tuple[str, ...] = field(repr=False)
+    stripped: tuple[str, ...] = field(repr=False)
+    byte_values: bytes = field(repr=False)
     sp_vocab_size: int
     clean_up_tokenization_spaces: bool = False
-    token_ids: dict[str, int] = field(default_factory=dict)  # token text -> id for special and added tokens
+    token_ids: dict[str, int] = field(
+        default_factory=dict, repr=False
+    )  # text -> id of special and added tokens
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod

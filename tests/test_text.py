@@ -356,3 +356,21 @@ def test_replace_tracking_moves_positions():
         new, moved = replace_tracking(text, (("\n", ""), ("  ", " ")), positions)
         assert new == text.replace("\n", "").replace("  ", " ")
         assert [new[p] for p in moved] == [text[p] for p in positions]
+
+
+def test_runtime_text_imports_no_heavy_modules(art):
+    """legion_rt.text runs on tokenizer.json alone: no torch, transformers, sentencepiece, tokenizers, export."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np; from legion_rt.text import Detokenizer; "
+        f"d = Detokenizer.from_dir({str(art)!r}); print(repr(d.decode(np.array([1, 500, 1004, 2])))); "
+        "bad = [m for m in ('torch', 'transformers', 'sentencepiece', 'tokenizers', 'export') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    assert out.returncode == 0, out.stderr
+    assert "[SEG]" in out.stdout and "</s>" in out.stdout
