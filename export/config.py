@@ -100,7 +100,11 @@ class LegionConfig:
     @property
     def clip_layers_needed(self) -> int:
         """Encoder layers to run for hidden_states[select_layer] (hidden_states[0] is the embedding output)."""
-        return self.clip_num_layers + 1 + self.clip_select_layer if self.clip_select_layer < 0 else self.clip_select_layer
+        return (
+            self.clip_num_layers + 1 + self.clip_select_layer
+            if self.clip_select_layer < 0
+            else self.clip_select_layer
+        )
 
     @property
     def detector_hidden(self) -> int:
@@ -129,7 +133,12 @@ class LegionConfig:
         """bos/eos/unk/pad and the 7 added tokens (ids base_vocab_size ... base_vocab_size+6)."""
         b = self.base_vocab_size
         names = ("im_start", "im_end", "bbox", "point", "seg", "p_start", "p_end")
-        ids = {"bos": self.bos_token_id, "eos": self.eos_token_id, "unk": self.unk_token_id, "pad": self.pad_token_id}
+        ids = {
+            "bos": self.bos_token_id,
+            "eos": self.eos_token_id,
+            "unk": self.unk_token_id,
+            "pad": self.pad_token_id,
+        }
         ids.update({n: b + i for i, n in enumerate(names)})
         return ids
 
@@ -142,28 +151,63 @@ class LegionConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Registry of named sizes. Vocab 519 = the tiny sentencepiece vocabulary (512) + 7 added tokens; make_tiny
+# Registry of named sizes. Vocab 1007 = the shipped tiny sentencepiece vocabulary (1000) + 7 added tokens; make_tiny
 # replaces it with what the tokenizer it writes actually has.
 CONFIGS: dict[str, LegionConfig] = {
     "tiny": LegionConfig(
         name="tiny",
-        vocab_size=519, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_size=172,
-        clip_hidden_size=64, clip_num_layers=3, clip_num_heads=4, clip_intermediate_size=256,
-        sam_embed_dim=32, sam_depth=2, sam_num_heads=2, sam_window_size=14, sam_global_attn_indexes=(1,),
+        vocab_size=1007,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        intermediate_size=172,
+        clip_hidden_size=64,
+        clip_num_layers=3,
+        clip_num_heads=4,
+        clip_intermediate_size=256,
+        sam_embed_dim=32,
+        sam_depth=2,
+        sam_num_heads=2,
+        sam_window_size=14,
+        sam_global_attn_indexes=(1,),
         torch_dtype="bfloat16",
     ),
     "small": LegionConfig(
         name="small",
-        vocab_size=519, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=8, intermediate_size=1376,
-        clip_hidden_size=256, clip_num_layers=6, clip_num_heads=4, clip_intermediate_size=1024,
-        sam_embed_dim=128, sam_depth=4, sam_num_heads=4, sam_window_size=14, sam_global_attn_indexes=(1, 3),
+        vocab_size=1007,
+        hidden_size=512,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=8,
+        intermediate_size=1376,
+        clip_hidden_size=256,
+        clip_num_layers=6,
+        clip_num_heads=4,
+        clip_intermediate_size=1024,
+        sam_embed_dim=128,
+        sam_depth=4,
+        sam_num_heads=4,
+        sam_window_size=14,
+        sam_global_attn_indexes=(1, 3),
         torch_dtype="bfloat16",
     ),
     "legion-7b": LegionConfig(
         name="legion-7b",
-        vocab_size=32007, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32, intermediate_size=11008,
-        clip_hidden_size=1024, clip_num_layers=24, clip_num_heads=16, clip_intermediate_size=4096,
-        sam_embed_dim=1280, sam_depth=32, sam_num_heads=16, sam_window_size=14,
+        vocab_size=32007,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        intermediate_size=11008,
+        clip_hidden_size=1024,
+        clip_num_layers=24,
+        clip_num_heads=16,
+        clip_intermediate_size=4096,
+        sam_embed_dim=1280,
+        sam_depth=32,
+        sam_num_heads=16,
+        sam_window_size=14,
         sam_global_attn_indexes=(7, 15, 23, 31),
         torch_dtype="bfloat16",
     ),
@@ -213,10 +257,12 @@ def sam_encoder_dims(shapes: Mapping[str, tuple[int, ...]], prefix: str = SAM_EN
     for i in block_ids:
         length, hd = get(f"blocks.{i}.attn.rel_pos_h")
         if head_dim is not None and hd != head_dim:
-            raise CheckpointError(f"{prefix}blocks.{i}.attn.rel_pos_h: head dim {hd} differs from block 0's {head_dim}")
+            raise CheckpointError(
+                f"{prefix}blocks.{i}.attn.rel_pos_h: head dim {hd} differs from block 0's {head_dim}"
+            )
         head_dim = hd
         spans.append((length + 1) // 2)
-    global_blocks = tuple(i for i, s in zip(block_ids, spans) if s == grid)
+    global_blocks = tuple(i for i, s in zip(block_ids, spans, strict=True) if s == grid)
     windows = {s for s in spans if s != grid}
     if len(windows) > 1:
         raise CheckpointError(f"SAM image encoder: blocks use several window sizes {sorted(windows)}")
@@ -261,8 +307,16 @@ def clip_vision_fields(clip_config: dict) -> dict:
 
 
 _CLIP_FIELDS = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
-    "hidden_act", "layer_norm_eps", "num_channels", "projection_dim",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+    "num_channels",
+    "projection_dim",
 )
 
 
@@ -329,10 +383,16 @@ def config_from_sources(
     }
     scaling = c.get("rope_scaling")
     if scaling:
-        raise CheckpointError(f"checkpoint config.json: rope_scaling {scaling} is not supported (LEGION uses none)")
+        raise CheckpointError(
+            f"checkpoint config.json: rope_scaling {scaling} is not supported (LEGION uses none)"
+        )
     fields.update(clip_vision_fields(clip_config))
     fields.update(clip_preprocess_fields(preprocessor))
-    if preprocessor and (crop := crop_size_of(preprocessor)) is not None and crop != fields["clip_image_size"]:
+    if (
+        preprocessor
+        and (crop := crop_size_of(preprocessor)) is not None
+        and crop != fields["clip_image_size"]
+    ):
         raise CheckpointError(
             f"CLIP preprocessor_config.json: crop size {crop} differs from the tower's image size {fields['clip_image_size']}"
         )

@@ -57,18 +57,31 @@ def _pair(cfg):
     grid = cfg.sam_image_size // cfg.sam_patch_size
     ref = ref_mod.Sam(
         image_encoder=ref_mod.ImageEncoderViT(
-            depth=cfg.sam_depth, embed_dim=cfg.sam_embed_dim, img_size=cfg.sam_image_size, mlp_ratio=cfg.sam_mlp / cfg.sam_embed_dim,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=cfg.sam_num_heads, patch_size=cfg.sam_patch_size,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=list(cfg.sam_global_attn_indexes),
-            window_size=cfg.sam_window_size, out_chans=cfg.sam_out_chans,
+            depth=cfg.sam_depth,
+            embed_dim=cfg.sam_embed_dim,
+            img_size=cfg.sam_image_size,
+            mlp_ratio=cfg.sam_mlp / cfg.sam_embed_dim,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=cfg.sam_num_heads,
+            patch_size=cfg.sam_patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=list(cfg.sam_global_attn_indexes),
+            window_size=cfg.sam_window_size,
+            out_chans=cfg.sam_out_chans,
         ),
         prompt_encoder=ref_mod.PromptEncoder(
-            embed_dim=256, image_embedding_size=(grid, grid), input_image_size=(cfg.sam_image_size,) * 2, mask_in_chans=16
+            embed_dim=256,
+            image_embedding_size=(grid, grid),
+            input_image_size=(cfg.sam_image_size,) * 2,
+            mask_in_chans=16,
         ),
         mask_decoder=ref_mod.MaskDecoder(
             num_multimask_outputs=3,
             transformer=ref_mod.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+            transformer_dim=256,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
         ),
     )
     # Same key set (strict in both directions) proves the module names match segment-anything's.
@@ -122,8 +135,11 @@ def test_mask_head_path_matches(sam_pair):
     dense_r = dense_r.expand(3, -1, -1, -1)
     sparse_r = text.unsqueeze(1)
     low_r, _ = ref.mask_decoder(
-        image_embeddings=emb, image_pe=ref_pe, sparse_prompt_embeddings=sparse_r,
-        dense_prompt_embeddings=dense_r, multimask_output=False,
+        image_embeddings=emb,
+        image_pe=ref_pe,
+        sparse_prompt_embeddings=sparse_r,
+        dense_prompt_embeddings=dense_r,
+        multimask_output=False,
     )
     sparse_o, dense_o = ours.prompt_encoder(text.unsqueeze(1))
     assert torch.equal(sparse_o, sparse_r) and torch.equal(dense_o, dense_r)
@@ -144,7 +160,11 @@ def test_postprocess_masks_matches_sam():
     sam = ref_mod.Sam.__new__(ref_mod.Sam)  # only postprocess_masks, which reads image_encoder.img_size
     torch.nn.Module.__init__(sam)
     sam.image_encoder = type("E", (), {"img_size": 1024})()
-    for input_size, original in [((1024, 768), (1200, 900)), ((683, 1024), (480, 719)), ((17, 1024), (20, 1200))]:
+    for input_size, original in [
+        ((1024, 768), (1200, 900)),
+        ((683, 1024), (480, 719)),
+        ((17, 1024), (20, 1200)),
+    ]:
         want = ref_mod.Sam.postprocess_masks(sam, low, input_size, original)[:, 0] > 0
         got = postprocess_masks_torch(low[:, 0], input_size, original)
         assert got.shape == (2, *original)

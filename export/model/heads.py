@@ -8,7 +8,9 @@ from torch import nn
 
 def build_projector(*, clip_hidden: int, hidden: int) -> nn.Sequential:
     """Linear(Cv, H) - GELU (exact erf form) - Linear(H, H): [.., Cv] -> [.., H]."""
-    return nn.Sequential(nn.Linear(clip_hidden, hidden), nn.GELU(approximate="none"), nn.Linear(hidden, hidden))
+    return nn.Sequential(
+        nn.Linear(clip_hidden, hidden), nn.GELU(approximate="none"), nn.Linear(hidden, hidden)
+    )
 
 
 def build_text_hidden_fcs(*, hidden: int, out_dim: int) -> nn.ModuleList:

@@ -33,7 +33,9 @@ class LegionModel(nn.Module):
         self.text_hidden_fcs = build_text_hidden_fcs(hidden=cfg.hidden_size, out_dim=cfg.out_dim)
         self.grounding_encoder = build_grounding_encoder(cfg)
         self.prediction_head = (
-            build_detector(clip_hidden=cfg.clip_hidden_size, detector_hidden=cfg.detector_hidden) if with_detector else None
+            build_detector(clip_hidden=cfg.clip_hidden_size, detector_hidden=cfg.detector_hidden)
+            if with_detector
+            else None
         )
 
     @property

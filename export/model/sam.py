@@ -106,7 +106,9 @@ def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c), (hp, wp)
 
 
-def window_unpartition(windows: torch.Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+def window_unpartition(
+    windows: torch.Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
     """Inverse of window_partition, dropping the padding: -> [B, H, W, C]."""
     hp, wp = padded
     h, w = size
@@ -223,7 +225,11 @@ class PromptEncoder(nn.Module):
     token each [N, 1, C], dense = no_mask_embed broadcast to [N, C, 64, 64]."""
 
     def __init__(
-        self, *, embed_dim: int = 256, image_embedding_size: tuple[int, int], input_image_size: tuple[int, int],
+        self,
+        *,
+        embed_dim: int = 256,
+        image_embedding_size: tuple[int, int],
+        input_image_size: tuple[int, int],
         mask_in_chans: int = 16,
     ):
         super().__init__()
@@ -291,12 +297,16 @@ class TwoWayAttentionBlock(nn.Module):
         super().__init__()
         self.self_attn = DecoderAttention(embedding_dim=embedding_dim, num_heads=num_heads)
         self.norm1 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_token_to_image = DecoderAttention(embedding_dim=embedding_dim, num_heads=num_heads, downsample_rate=2)
+        self.cross_attn_token_to_image = DecoderAttention(
+            embedding_dim=embedding_dim, num_heads=num_heads, downsample_rate=2
+        )
         self.norm2 = nn.LayerNorm(embedding_dim)
         self.mlp = MLPBlock(embedding_dim=embedding_dim, mlp_dim=mlp_dim, act=nn.ReLU)
         self.norm3 = nn.LayerNorm(embedding_dim)
         self.norm4 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_image_to_token = DecoderAttention(embedding_dim=embedding_dim, num_heads=num_heads, downsample_rate=2)
+        self.cross_attn_image_to_token = DecoderAttention(
+            embedding_dim=embedding_dim, num_heads=num_heads, downsample_rate=2
+        )
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(self, queries, keys, query_pe, key_pe):
@@ -318,10 +328,14 @@ class TwoWayTransformer(nn.Module):
     def __init__(self, *, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int):
         super().__init__()
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(embedding_dim=embedding_dim, num_heads=num_heads, mlp_dim=mlp_dim, skip_first_layer_pe=i == 0)
+            TwoWayAttentionBlock(
+                embedding_dim=embedding_dim, num_heads=num_heads, mlp_dim=mlp_dim, skip_first_layer_pe=i == 0
+            )
             for i in range(depth)
         )
-        self.final_attn_token_to_image = DecoderAttention(embedding_dim=embedding_dim, num_heads=num_heads, downsample_rate=2)
+        self.final_attn_token_to_image = DecoderAttention(
+            embedding_dim=embedding_dim, num_heads=num_heads, downsample_rate=2
+        )
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(self, image_embedding, image_pe, point_embedding):
@@ -343,7 +357,7 @@ class MLP(nn.Module):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
         outs = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs))
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, outs, strict=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -357,11 +371,20 @@ class MaskDecoder(nn.Module):
     """SAM's mask decoder, single-mask output (mask token 0; `multimask_output=False`)."""
 
     def __init__(
-        self, *, transformer_dim: int = 256, depth: int = 2, num_heads: int = 8, mlp_dim: int = 2048,
-        num_multimask_outputs: int = 3, iou_head_depth: int = 3, iou_head_hidden_dim: int = 256,
+        self,
+        *,
+        transformer_dim: int = 256,
+        depth: int = 2,
+        num_heads: int = 8,
+        mlp_dim: int = 2048,
+        num_multimask_outputs: int = 3,
+        iou_head_depth: int = 3,
+        iou_head_hidden_dim: int = 256,
     ):
         super().__init__()
-        self.transformer = TwoWayTransformer(depth=depth, embedding_dim=transformer_dim, num_heads=num_heads, mlp_dim=mlp_dim)
+        self.transformer = TwoWayTransformer(
+            depth=depth, embedding_dim=transformer_dim, num_heads=num_heads, mlp_dim=mlp_dim
+        )
         self.num_mask_tokens = num_multimask_outputs + 1
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
@@ -373,15 +396,25 @@ class MaskDecoder(nn.Module):
             nn.GELU(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(input_dim=transformer_dim, hidden_dim=transformer_dim, output_dim=transformer_dim // 8, num_layers=3)
+            MLP(
+                input_dim=transformer_dim,
+                hidden_dim=transformer_dim,
+                output_dim=transformer_dim // 8,
+                num_layers=3,
+            )
             for _ in range(self.num_mask_tokens)
         )
         # IoU predictions are never used by LEGION (kept for strict loading).
         self.iou_prediction_head = MLP(
-            input_dim=transformer_dim, hidden_dim=iou_head_hidden_dim, output_dim=self.num_mask_tokens, num_layers=iou_head_depth
+            input_dim=transformer_dim,
+            hidden_dim=iou_head_hidden_dim,
+            output_dim=self.num_mask_tokens,
+            num_layers=iou_head_depth,
         )
 
-    def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings) -> torch.Tensor:
+    def forward(
+        self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+    ) -> torch.Tensor:
         """image_embeddings [1, C, h, w] (shared by all N prompts), image_pe [1, C, h, w],
         sparse [N, T, C], dense [N, C, h, w] -> low-res mask logits of mask token 0: [N, 1, 4h, 4w]."""
         n = sparse_prompt_embeddings.shape[0]
@@ -404,7 +437,9 @@ class GroundingEncoder(nn.Module):
     """`model.grounding_encoder`: the three SAM parts (SAM's pixel mean/std are not in the checkpoint and are
     applied by preprocessing)."""
 
-    def __init__(self, *, image_encoder: ImageEncoderViT, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder):
+    def __init__(
+        self, *, image_encoder: ImageEncoderViT, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder
+    ):
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
@@ -445,7 +480,11 @@ def build_grounding_encoder(cfg) -> GroundingEncoder:
 
 
 def postprocess_masks_torch(
-    low_res: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int], *, image_size: int = 1024
+    low_res: torch.Tensor,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    *,
+    image_size: int = 1024,
 ) -> torch.Tensor:
     """Torch reference of SAM's postprocess_masks + threshold: low-res logits [N, 256, 256] (or [N, 1, 256, 256])
     -> bool [N, H, W]. Bilinear (align_corners=False) to 1024x1024, crop to input_size (h', w'), bilinear to
