@@ -154,7 +154,7 @@ void check_geometry(int h, int w, const lrt::PreprocessParams& p, lrt::Preproces
   const double long_after = static_cast<double>(p.clip_shortest_edge) * std::max(h, w) / std::min(h, w);
   if (long_after >= static_cast<double>(kMaxDim))
     value_error("rgb aspect ratio " + std::to_string(h) + "x" + std::to_string(w) +
-                " is too extreme: the CLIP resize would be " + std::to_string(long_after) + " pixels long");
+                " is too extreme: the CLIP resize would be " + std::to_string(static_cast<int64_t>(long_after)) + " pixels long");
   *g = lrt::preprocess_geometry(h, w, p);
 }
 
