@@ -51,7 +51,6 @@ def build(size: str, seed: int) -> tuple[object, Path]:
     """make_tiny + export once (cached)."""
     from export.onnx_export import export_artifacts
     from export.tiny import make_tiny
-
     from legion_rt.artifacts import load_artifacts
     from legion_rt.errors import ArtifactError
 
