@@ -283,8 +283,9 @@ class ReferenceOutput:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds: preprocess, vision (first CLIP+projector+detector pass), sam_encoder, prefill (first LLM pass),
     decode (every later step; in no-cache mode this includes the per-step CLIP re-runs), masks (mask head +
-    upsampling), total, time_to_first_token, time_to_first_mask (both from the start of ``run``), and
-    ms_per_token (decode / number of decode steps, 0 when there is none)."""
+    upsampling), total, time_to_first_token, time_to_first_mask (both from the start of ``run``; NaN without a
+    mask), decode_tokens (number of decode steps after the first token) and ms_per_token (decode / decode_tokens,
+    0 when there is none)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,6 +561,7 @@ class ReferencePipeline:
             if token == self.eos_id and not ignore_eos:
                 break
         t["decode"] = decode_time
+        t["decode_tokens"] = float(steps)
         t["ms_per_token"] = 1000 * decode_time / steps if steps else 0.0
 
         # LegionForCausalLM.evaluate: seg mask over ids[:, 1:] with 575 leading zeros (hard-coded there; = image
@@ -603,6 +605,7 @@ class ReferencePipeline:
             decode_time += time.perf_counter() - s
             steps += 1
         t["decode"] = decode_time
+        t["decode_tokens"] = float(steps)
         t["ms_per_token"] = 1000 * decode_time / steps if steps else 0.0
         hidden_dim = self.model.llm.config.hidden_size
         stacked = torch.stack(seg_hidden) if seg_hidden else torch.zeros((0, hidden_dim))

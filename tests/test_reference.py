@@ -15,6 +15,7 @@ from export.reference import (  # noqa: E402
     clip_preprocess,
     clip_resize_shape,
     load_image,
+    postprocess_masks,
     reference_postprocess,
     sam_preprocess,
     sam_resize_shape,
@@ -205,16 +206,16 @@ def test_reference_postprocess_transcribes_infer_py():
 # ---------------------------------------------------------------------------------------------------------------
 
 # The no-cache loop is quadratic (every step re-runs CLIP and the whole sequence): keep the tiny runs short.
-NOCACHE_TOKENS = 48
-PIPELINE_SIZES = [(123, 77), (5, 300), (333, 1000)]
+NOCACHE_TOKENS = 40
+# Per seed, odd sizes: tall, very wide, 1 pixel tall (CLIP resize 336 x 2352, SAM resize 146 x 1024), 3 pixels tall.
+PIPELINE_SIZES = {0: [(123, 77), (333, 1000)], 1: [(1, 7)], 2: [(3, 500)]}
 
 
 @pytest.fixture(scope="module")
 def tiny_pipelines(tiny_paths, tmp_path_factory):
     """{seed: ReferencePipeline} for seeds 0 (the shared session checkpoint), 1 and 2."""
-    from export.tiny import make_tiny
-
     from export.reference import ReferencePipeline
+    from export.tiny import make_tiny
 
     torch.set_num_threads(1)
     paths = {0: tiny_paths}
@@ -231,7 +232,7 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_nocache_and_kv_cache_agree(tiny_pipelines, seed):
     pipe = tiny_pipelines[seed]
-    for i, (h, w) in enumerate(PIPELINE_SIZES[:2] if seed else PIPELINE_SIZES):
+    for i, (h, w) in enumerate(PIPELINE_SIZES[seed]):
         img = _rand_image(h, w, seed=100 * seed + i)
         ref = pipe.run(img, max_new_tokens=NOCACHE_TOKENS, use_kv_cache=False)
         kv = pipe.run(img, max_new_tokens=NOCACHE_TOKENS, use_kv_cache=True)
@@ -248,9 +249,18 @@ def test_nocache_and_kv_cache_agree(tiny_pipelines, seed):
             f"seed {seed} {h}x{w}: {len(ref.token_ids)} tokens, {n_seg} [SEG], hidden err {hid_err:.2e}, "
             f"low-res err {low_err:.2e}, min IoU {min(ious)}"
         )
-        assert hid_err <= 1e-4 and low_err <= 1e-3  # measured: see the report (float32 re-association only)
-        assert min(ious) == 1.0
-        np.testing.assert_array_equal(ref.mask, kv.mask)
+        # measured over seeds 0-2 and these sizes: hidden <= 9.1e-6, low-res <= 3.2e-7 (float32 re-association:
+        # the no-cache hidden states come from the last step's full-length pass, the cached ones from one position)
+        assert hid_err <= 2e-5 and low_err <= 2e-6
+        # Masks: equal except where the upsampled logit is within float noise of the 0 threshold. Measured: IoU 1.0
+        # on 4 of 5 pictures; 0.99998 once (seed 0, 333x1000: 1 pixel with |logit| 6.4e-9 flipped).
+        diff = ref.masks != kv.masks
+        if diff.any():
+            logits = postprocess_masks(ref.low_res, ref.resize_size, ref.original_size).numpy()
+            edge = float(np.abs(logits[diff]).max())
+            print(f"  {int(diff.sum())} pixels differ, all with |logit| <= {edge:.1e}")
+            assert edge <= 1e-5
+        assert min(ious) >= 0.9999
         assert ref.explanation == kv.explanation and ref.phrases == kv.phrases
 
 
@@ -324,7 +334,6 @@ def test_run_options(tiny_pipelines):
 
 def test_mask_upsampling_matches_model_helper():
     from export.model.sam import postprocess_masks_torch
-    from export.reference import postprocess_masks
 
     low = torch.randn(3, 256, 256, generator=torch.Generator().manual_seed(0))
     for resize, orig in [((768, 1024), (480, 640)), ((1024, 341), (1000, 333)), ((10, 1024), (5, 500))]:
