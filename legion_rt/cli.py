@@ -119,20 +119,24 @@ def _stream_one(engine, image, rgb, opts: dict[str, Any], *, quiet: bool, show_t
     from .engine import DoneEvent, MaskEvent, TokenEvent
 
     result = None
-    wrote_text = False
+    mid_line = False  # the streamed text has no newline yet
     for ev in engine.stream(rgb, **opts):
         if isinstance(ev, TokenEvent):
             if show_text and ev.text:
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
-                wrote_text = True
+                mid_line = True
         elif isinstance(ev, MaskEvent):
             if not quiet:
+                if mid_line:
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                    mid_line = False
                 a = ev.artifact
-                _info(f"\n[mask {a.index + 1}] {a.phrase or '(no phrase)'}: bbox {a.bbox}, {a.area} px")
+                _info(f"[mask {a.index + 1}] {a.phrase or '(no phrase)'}: bbox {a.bbox}, {a.area} px")
         elif isinstance(ev, DoneEvent):
             result = ev.result
-    if wrote_text:
+    if mid_line:
         sys.stdout.write("\n")
     return result
 
