@@ -74,8 +74,9 @@ TOLERANCES = {
     "mask_head": Tolerance(atol=2e-5, rtol=1e-5),
     "llm": Tolerance(atol=2e-5, rtol=1e-5),
 }
-# fp16 weights: verification (when the CPU provider can run the graph at all) against fp32 PyTorch.
-FP16_TOLERANCE = Tolerance(atol=5e-2, rtol=2e-2)
+# fp16 graphs against fp32 PyTorch, on the CPU provider when it can run them. Measured (tiny): vision 6.9e-4,
+# sam_encoder 2.3e-3, mask_head 3.0e-4, llm 2.5e-3 (|ref| ~0.3-4.7). Limits ~10x.
+FP16_TOLERANCE = Tolerance(atol=1e-2, rtol=5e-3)
 
 
 # ------------------------------------------------------------------------------------------------ progress
