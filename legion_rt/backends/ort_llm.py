@@ -126,7 +126,7 @@ class OrtLLM:
                     arrays.append(None)
                     ort_values.append(
                         self._ort.OrtValue.ortvalue_from_shape_and_type(
-                            shape, self.kv_dtype, self.device, self.device_id
+                            shape, self.kv_dtype.type, self.device, self.device_id
                         )
                     )
         return cache
