@@ -404,6 +404,7 @@ class ReferencePipeline:
         """SAM image encoder: [1, 3, 1024, 1024] -> [1, 256, 64, 64]."""
         return self.model.sam_encode(sam_pixels)
 
+    @torch.no_grad()
     def inputs_embeds(self, image_embeds: torch.Tensor, generated: list[int]) -> torch.Tensor:
         """[1, P0 + 576 + P1 + G, H]: prefix ids, image embeddings, suffix ids + generated ids (embedded)."""
         tail = torch.tensor([[*self.prompt.suffix_ids, *generated]], dtype=torch.long)
@@ -416,7 +417,8 @@ class ReferencePipeline:
         """One step of the original's decoding: CLIP + projector again, the LLM over the whole sequence, the logits
         of every position (as the original's ``lm_head(outputs[0])``). Returns (logits of the last position [V],
         final-norm hidden states of every position [S, H])."""
-        image_embeds = self.vision(clip_pixels).image_embeds
+        # The original's LLM path (LlavaLlamaForCausalLM.forward -> encode_images) has no detector: CLIP + projector.
+        image_embeds = self.model.project(self.model.clip_features(clip_pixels)[0])  # [1, 576, H]
         hidden = self._decoder(inputs_embeds=self.inputs_embeds(image_embeds, generated), use_cache=False)
         hidden = hidden.last_hidden_state  # [1, S, H]
         logits = self._lm_head(hidden)  # [1, S, V]
@@ -452,7 +454,7 @@ class ReferencePipeline:
     ) -> tuple[torch.Tensor, np.ndarray]:
         """[N, H] [SEG] hidden states -> (low-res logits [N, 256, 256], bool masks [N, H, W])."""
         if seg_hidden.shape[0] == 0:
-            low = torch.zeros((0, 256, 256), dtype=torch.float32)
+            low = torch.zeros((0, *self.model.cfg.low_res_hw), dtype=torch.float32)
             return low, np.zeros((0, *original_size), dtype=bool)
         low = self.model.mask_head(seg_hidden, image_embedding)  # [N, 256, 256]
         up = postprocess_masks(low, resize_size, original_size, self.consts.sam_size)
@@ -649,19 +651,13 @@ def _new_cache(cache_cls: Any, config: Any) -> Any:
 
 
 def _prompt_from(ids: Any) -> PromptIds:
-    """Accept ``prompt_ids`` as an object with prefix_ids/suffix_ids, a (prefix, suffix) pair, or a flat list with
-    -200 where the image goes."""
-    if hasattr(ids, "prefix_ids") and hasattr(ids, "suffix_ids"):
-        return PromptIds(tuple(int(i) for i in ids.prefix_ids), tuple(int(i) for i in ids.suffix_ids))
-    if isinstance(ids, dict) and "prefix_ids" in ids:
-        return PromptIds(tuple(int(i) for i in ids["prefix_ids"]), tuple(int(i) for i in ids["suffix_ids"]))
-    ids = list(ids)
-    if len(ids) == 2 and all(isinstance(x, (list, tuple)) for x in ids):
-        return PromptIds(tuple(ids[0]), tuple(ids[1]))
-    if ids.count(IMAGE_TOKEN_INDEX) != 1:
-        raise CheckpointError(f"prompt ids must hold exactly one image index {IMAGE_TOKEN_INDEX}")
-    k = ids.index(IMAGE_TOKEN_INDEX)
-    return PromptIds(tuple(ids[:k]), tuple(ids[k + 1 :]))
+    """export.tokenizer.prompt_ids' (prefix_ids, suffix_ids) pair as a PromptIds."""
+    prefix, suffix = ids
+    if IMAGE_TOKEN_INDEX in prefix or IMAGE_TOKEN_INDEX in suffix:
+        raise CheckpointError(
+            f"prompt ids: the image index {IMAGE_TOKEN_INDEX} must not appear in prefix or suffix"
+        )
+    return PromptIds(tuple(int(i) for i in prefix), tuple(int(i) for i in suffix))
 
 
 def _special_ids(tok: Any, checkpoint: str | Path) -> dict[str, int]:

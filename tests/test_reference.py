@@ -319,7 +319,7 @@ def test_run_options(tiny_pipelines):
             pipe.run(img, max_new_tokens=bad)
     out = pipe.run(img, max_new_tokens=7, use_kv_cache=True, ignore_eos=True)
     assert len(out.token_ids) == 7
-    for key in (
+    stages = (
         "preprocess",
         "vision",
         "sam_encoder",
@@ -328,8 +328,28 @@ def test_run_options(tiny_pipelines):
         "masks",
         "total",
         "time_to_first_token",
-    ):
+    )
+    for key in stages:
         assert out.timings[key] >= 0.0, key
+    assert out.timings["decode_tokens"] == 6
+
+
+def test_stops_at_eos_in_both_modes(tiny_pipelines):
+    """Greedy decoding stops at the first EOS and keeps it. The tiny model never emits </s> within a few tokens,
+    so a copy of the pipeline takes the 4th generated token as its EOS id."""
+    import copy
+
+    pipe = tiny_pipelines[0]
+    img = _rand_image(30, 45, seed=12)
+    free = pipe.run(img, max_new_tokens=12, use_kv_cache=True).token_ids
+    stop = copy.copy(pipe)
+    stop.eos_id = free[3]
+    first = free.index(free[3])
+    for kv in (False, True):
+        out = stop.run(img, max_new_tokens=12, use_kv_cache=kv)
+        assert out.token_ids == free[: first + 1], kv
+        forced = stop.run(img, max_new_tokens=12, use_kv_cache=kv, ignore_eos=True)
+        assert forced.token_ids == free, kv
 
 
 def test_mask_upsampling_matches_model_helper():
