@@ -106,7 +106,7 @@ class _Progress:
         if not self.enabled:
             return
         if self._rich is not None:
-            self._rich.console.print(msg)
+            self._rich.console.print(msg, soft_wrap=True, highlight=False)
         else:
             print(msg, file=sys.stderr, flush=True)
 
@@ -346,7 +346,7 @@ def verify_mask_head(
         got = sess.run(None, {"seg_hidden": seg.numpy(), "image_embeddings": image_embeddings})
         checks.append(_compare("mask_head", got, [want], tol))
     worst = max(checks, key=lambda c: c.max_abs / max(c.limit, 1e-30))
-    worst.note = "N=1 and N=3"
+    worst.note = "N=1,3"
     return worst
 
 
@@ -382,7 +382,7 @@ def verify_llm(
         x = table[token][None, None]
         if len(got) < 2 * (steps + 1):
             got_l, got_h = runner.forward(cache, _np(x))
-    return _compare("llm", got, want, tol, note=f"prefill {prompt} (2 chunks) + {steps} steps")
+    return _compare("llm", got, want, tol, note=f"prefill {prompt} + {steps} steps")
 
 
 # -------------------------------------------------------------------------------------------------- manifest
@@ -480,6 +480,9 @@ def export_artifacts(
             tolerance_scale=tolerance_scale,
             bar=bar,
         )
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the artifact directory gets the usual mode
         if out.exists():  # replace an older artifact directory: swap, then delete the old one
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(out, old)

@@ -97,8 +97,11 @@ class OrtLLM:
                 ) from None
         self.session = session_or_path
         provider = self.session.get_providers()[0]
-        # KV buffers live where the attention runs: host memory for CPU, device memory for CUDA.
-        self.device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+        # KV buffers live where the attention runs: device memory when the CUDA provider runs GroupQueryAttention
+        # (its CUDA kernel is fp16/bf16 only, so an fp16 artifact), host memory otherwise (CPU provider, or an fp32
+        # graph whose attention ONNX Runtime places on the CPU).
+        on_cuda = provider == "CUDAExecutionProvider" and self.kv_dtype == np.float16
+        self.device = "cuda" if on_cuda else "cpu"
         self.device_id = 0
         if self.device == "cuda":
             opts = self.session.get_provider_options().get(provider, {})
