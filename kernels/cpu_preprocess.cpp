@@ -96,56 +96,100 @@ PreprocessGeometry preprocess_geometry(int h, int w, const PreprocessParams& p) 
 
 namespace {
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// AVX2 and baseline clones picked at load time (integer results are identical; only speed differs).
+#define LRT_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define LRT_SIMD_CLONES
+#endif
+
+constexpr int kRowBlock = 8;                // source rows resampled together by the horizontal pass
+constexpr int kLanes = kRowBlock * 3;       // int32 lanes per tile column: 8 rows x RGB
+
+// One block of up to kRowBlock rows: tile [ncols][kLanes] int32 holds the needed source columns, pixel-major;
+// each output pixel accumulates all lanes at once (vectorisable), then rows are written back interleaved.
+LRT_SIMD_CLONES void horizontal_block(const int32_t* __restrict tile, int nrows, const int32_t* __restrict starts,
+                                      const int32_t* __restrict counts, const int32_t* __restrict coeffs, int taps,
+                                      int c0, int win_w, uint8_t* __restrict dst, int64_t dst_stride) {
+  for (int x = 0; x < win_w; ++x) {
+    int32_t acc[kLanes];
+    for (int l = 0; l < kLanes; ++l) acc[l] = resample_round_init();
+    const int32_t* __restrict k = coeffs + static_cast<size_t>(x) * taps;
+    const int32_t* __restrict t = tile + static_cast<int64_t>(starts[x] - c0) * kLanes;
+    const int cnt = counts[x];
+    for (int j = 0; j < cnt; ++j) {
+      const int32_t kj = k[j];
+      for (int l = 0; l < kLanes; ++l) acc[l] += t[j * kLanes + l] * kj;
+    }
+    for (int r = 0; r < nrows; ++r) {
+      uint8_t* o = dst + r * dst_stride + 3 * x;
+      o[0] = clip8(acc[3 * r + 0]);
+      o[1] = clip8(acc[3 * r + 1]);
+      o[2] = clip8(acc[3 * r + 2]);
+    }
+  }
+}
+
 // Horizontal pass: rows [0, rows) of `src` (row stride `src_stride` bytes, RGB interleaved) resampled along x
-// to the output columns [ox0, ox0 + win_w) of plan `ph`; writes rows x win_w x 3 into dst.
+// to the output columns [ox0, ox0 + win_w) of plan `ph`; writes rows x win_w x 3 into dst. Per output pixel the
+// integer sum is exactly Pillow's (integer addition is exact, so lane order does not matter).
 void horizontal_pass(const uint8_t* src, int64_t src_stride, int rows, const AxisPlan& ph, int ox0, int win_w,
                      uint8_t* dst, int threads) {
-  parallel_for(rows, threads, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const uint8_t* row = src + r * src_stride;
-      uint8_t* out = dst + r * win_w * 3;
-      for (int x = 0; x < win_w; ++x) {
-        const int ox = ox0 + x;
-        const int s = ph.start[static_cast<size_t>(ox)], cnt = ph.count[static_cast<size_t>(ox)];
-        const int32_t* k = ph.coeffs.data() + static_cast<size_t>(ox) * ph.taps;
-        int32_t a0 = resample_round_init(), a1 = a0, a2 = a0;
-        const uint8_t* px = row + static_cast<int64_t>(s) * 3;
-        for (int j = 0; j < cnt; ++j) {
-          a0 += px[3 * j + 0] * k[j];
-          a1 += px[3 * j + 1] * k[j];
-          a2 += px[3 * j + 2] * k[j];
+  int c0 = ph.start[static_cast<size_t>(ox0)], c1 = 0;
+  for (int o = ox0; o < ox0 + win_w; ++o) {
+    c0 = std::min(c0, ph.start[static_cast<size_t>(o)]);
+    c1 = std::max(c1, ph.start[static_cast<size_t>(o)] + ph.count[static_cast<size_t>(o)]);
+  }
+  const int ncols = c1 - c0;
+  const int32_t* starts = ph.start.data() + ox0;
+  const int32_t* counts = ph.count.data() + ox0;
+  const int32_t* coeffs = ph.coeffs.data() + static_cast<size_t>(ox0) * ph.taps;
+  const int taps = ph.taps;
+  const int blocks = (rows + kRowBlock - 1) / kRowBlock;
+  parallel_for(blocks, threads, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> tile(static_cast<size_t>(ncols) * kLanes, 0);
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int r0 = static_cast<int>(blk) * kRowBlock, nrows = std::min(kRowBlock, rows - r0);
+      for (int r = 0; r < nrows; ++r) {
+        const uint8_t* row = src + static_cast<int64_t>(r0 + r) * src_stride + static_cast<int64_t>(c0) * 3;
+        int32_t* t = tile.data() + 3 * r;
+        for (int c = 0; c < ncols; ++c) {
+          t[c * kLanes + 0] = row[3 * c + 0];
+          t[c * kLanes + 1] = row[3 * c + 1];
+          t[c * kLanes + 2] = row[3 * c + 2];
         }
-        out[3 * x + 0] = clip8(a0);
-        out[3 * x + 1] = clip8(a1);
-        out[3 * x + 2] = clip8(a2);
       }
+      horizontal_block(tile.data(), nrows, starts, counts, coeffs, taps, c0, win_w,
+                       dst + static_cast<int64_t>(r0) * win_w * 3, static_cast<int64_t>(win_w) * 3);
     }
   });
 }
 
+// One output row of the vertical pass: out[x] = clip8(init + sum_j rows[j][x] * k[j]) over n bytes.
+LRT_SIMD_CLONES void vertical_row(const uint8_t* __restrict base, int64_t stride, const int32_t* __restrict k,
+                                  int cnt, int64_t n, int32_t* __restrict acc, uint8_t* __restrict out) {
+  for (int64_t x = 0; x < n; ++x) acc[x] = resample_round_init();
+  for (int j = 0; j < cnt; ++j) {
+    const uint8_t* __restrict row = base + j * stride;
+    const int32_t kj = k[j];
+    for (int64_t x = 0; x < n; ++x) acc[x] += row[x] * kj;
+  }
+  for (int64_t x = 0; x < n; ++x) out[x] = clip8(acc[x]);
+}
+
 // Vertical pass: output rows [oy0, oy0 + win_h) of plan `pv` over `cols` columns of `src`, whose first row is
-// source row `row0` (row stride `src_stride` bytes); writes win_h x cols x 3 into dst.
+// source row `row0` (row stride `src_stride` bytes); writes win_h x cols x 3 into dst. Accumulates whole rows
+// (the same integer sums as Pillow in a vectorisable order).
 void vertical_pass(const uint8_t* src, int64_t src_stride, int row0, int cols, const AxisPlan& pv, int oy0,
                    int win_h, uint8_t* dst, int threads) {
+  const int64_t n = static_cast<int64_t>(cols) * 3;
   parallel_for(win_h, threads, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> acc(static_cast<size_t>(n));
     for (int64_t yy = b; yy < e; ++yy) {
       const int oy = oy0 + static_cast<int>(yy);
       const int s = pv.start[static_cast<size_t>(oy)], cnt = pv.count[static_cast<size_t>(oy)];
-      const int32_t* k = pv.coeffs.data() + static_cast<size_t>(oy) * pv.taps;
-      const uint8_t* base = src + static_cast<int64_t>(s - row0) * src_stride;
-      uint8_t* out = dst + yy * cols * 3;
-      for (int64_t x = 0; x < static_cast<int64_t>(cols) * 3; x += 3) {
-        int32_t a0 = resample_round_init(), a1 = a0, a2 = a0;
-        const uint8_t* px = base + x;
-        for (int j = 0; j < cnt; ++j) {
-          a0 += px[j * src_stride + 0] * k[j];
-          a1 += px[j * src_stride + 1] * k[j];
-          a2 += px[j * src_stride + 2] * k[j];
-        }
-        out[x + 0] = clip8(a0);
-        out[x + 1] = clip8(a1);
-        out[x + 2] = clip8(a2);
-      }
+      vertical_row(src + static_cast<int64_t>(s - row0) * src_stride, src_stride,
+                   pv.coeffs.data() + static_cast<size_t>(oy) * pv.taps, cnt, n, acc.data(), dst + yy * n);
     }
   });
 }
@@ -229,14 +273,21 @@ void resize_rgb_cpu(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filt
 void preprocess_cpu(const uint8_t* rgb, int h, int w, const PreprocessParams& p, float* clip_out,
                     float* sam_out, int threads) {
   const PreprocessGeometry g = preprocess_geometry(h, w, p);
+  // A uint8 input has 256 values per channel: tabulate the (exact, per-value) normalisations once.
+  float clip_lut[3][256], sam_lut[3][256];
+  for (int c = 0; c < 3; ++c)
+    for (int v = 0; v < 256; ++v) {
+      clip_lut[c][v] = clip_normalize(static_cast<uint8_t>(v), p.clip_mean[c], p.clip_std[c]);
+      sam_lut[c][v] = sam_normalize(static_cast<uint8_t>(v), p.sam_mean[c], p.sam_std[c]);
+    }
   const int64_t clip_plane = static_cast<int64_t>(p.clip_crop_h) * p.clip_crop_w;
   resize_window(rgb, h, w, g.clip_resized_h, g.clip_resized_w, Filter::Bicubic, g.clip_top,
                 g.clip_top + p.clip_crop_h, g.clip_left, g.clip_left + p.clip_crop_w, threads,
                 [&](int y, int x, uint8_t r, uint8_t gg, uint8_t b) {
                   float* o = clip_out + static_cast<int64_t>(y) * p.clip_crop_w + x;
-                  o[0] = clip_normalize(r, p.clip_mean[0], p.clip_std[0]);
-                  o[clip_plane] = clip_normalize(gg, p.clip_mean[1], p.clip_std[1]);
-                  o[2 * clip_plane] = clip_normalize(b, p.clip_mean[2], p.clip_std[2]);
+                  o[0] = clip_lut[0][r];
+                  o[clip_plane] = clip_lut[1][gg];
+                  o[2 * clip_plane] = clip_lut[2][b];
                 });
   const int64_t S = p.sam_size, sam_plane = S * S;
   // Zero padding (SAM pads after normalisation, so the pad value is 0).
@@ -253,9 +304,9 @@ void preprocess_cpu(const uint8_t* rgb, int h, int w, const PreprocessParams& p,
   resize_window(rgb, h, w, g.sam_h, g.sam_w, Filter::Bilinear, 0, g.sam_h, 0, g.sam_w, threads,
                 [&](int y, int x, uint8_t r, uint8_t gg, uint8_t b) {
                   float* o = sam_out + static_cast<int64_t>(y) * S + x;
-                  o[0] = sam_normalize(r, p.sam_mean[0], p.sam_std[0]);
-                  o[sam_plane] = sam_normalize(gg, p.sam_mean[1], p.sam_std[1]);
-                  o[2 * sam_plane] = sam_normalize(b, p.sam_mean[2], p.sam_std[2]);
+                  o[0] = sam_lut[0][r];
+                  o[sam_plane] = sam_lut[1][gg];
+                  o[2 * sam_plane] = sam_lut[2][b];
                 });
 }
 
