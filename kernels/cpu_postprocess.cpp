@@ -44,6 +44,15 @@ struct Kernel {
   static void blend_row(const float* h0, const float* h1, float w0, float w1, int out_w, uint8_t* out) {
     for (int x = 0; x < out_w; ++x) out[x] = torch_lerp(h0[x], h1[x], w0, w1) > 0.0f ? 1 : 0;
   }
+  // ORs a mask row into the union row and returns its number of set pixels.
+  static int64_t union_row(const uint8_t* __restrict out, uint8_t* __restrict u, int out_w) {
+    uint32_t count = 0;  // out_w < 2^24
+    for (int x = 0; x < out_w; ++x) {
+      count += out[x];
+      u[x] |= out[x];
+    }
+    return count;
+  }
 };
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -70,6 +79,14 @@ struct Kernel<1> {
   LRT_FMA_TARGET static void blend_row(const float* h0, const float* h1, float w0, float w1, int out_w,
                                        uint8_t* out) {
     for (int x = 0; x < out_w; ++x) out[x] = __builtin_fmaf(h1[x], w1, h0[x] * w0) > 0.0f ? 1 : 0;
+  }
+  LRT_FMA_TARGET static int64_t union_row(const uint8_t* __restrict out, uint8_t* __restrict u, int out_w) {
+    uint32_t count = 0;
+    for (int x = 0; x < out_w; ++x) {
+      count += out[x];
+      u[x] |= out[x];
+    }
+    return count;
   }
 };
 inline bool has_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
@@ -107,12 +124,7 @@ void run_rows(const float* low_res, int n, int in_h, int in_w, int wp, int out_h
       uint8_t* out = masks + m * plane + y * out_w;
       K::blend_row(h0, h1, ty.w0, ty.w1, out_w, out);
       if (union_out != nullptr) {
-        uint8_t* u = union_out + y * out_w;
-        int64_t count = 0;
-        for (int x = 0; x < out_w; ++x) {
-          count += out[x];
-          u[x] |= out[x];
-        }
+        const int64_t count = K::union_row(out, union_out + y * out_w, out_w);
         if (count > 0) {
           int64_t first = 0, last = out_w - 1;
           while (!out[first]) ++first;
