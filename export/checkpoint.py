@@ -377,7 +377,6 @@ def read_legion_config(
         shapes,
         preprocessor=read_json(pre) if pre.exists() else None,
         added_tokens=read_json(added) if added.exists() else None,
-        name=checkpoint_dir.name,
     )
 
 

@@ -342,6 +342,32 @@ def crop_size_of(preprocessor: dict) -> int | None:
     return int(crop) if crop is not None else None
 
 
+_ARCH_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "clip_hidden_size",
+    "clip_num_layers",
+    "clip_num_heads",
+    "clip_intermediate_size",
+    "sam_embed_dim",
+    "sam_depth",
+    "sam_num_heads",
+    "sam_window_size",
+    "sam_global_attn_indexes",
+)
+
+
+def registry_name(cfg: LegionConfig) -> str | None:
+    """The CONFIGS size with the same architecture (vocabulary aside), or None."""
+    for size, ref in CONFIGS.items():
+        if all(getattr(cfg, f) == getattr(ref, f) for f in _ARCH_FIELDS):
+            return size
+    return None
+
+
 def config_from_sources(
     checkpoint_config: dict,
     clip_config: dict,
@@ -349,13 +375,14 @@ def config_from_sources(
     *,
     preprocessor: dict | None = None,
     added_tokens: dict | None = None,
-    name: str = "checkpoint",
+    name: str | None = None,
 ) -> LegionConfig:
     """Build the LegionConfig of a checkpoint.
 
     checkpoint_config: the checkpoint's config.json (GLaMM/LLaVA fields); clip_config: the CLIP directory's
     config.json; shapes: checkpoint key -> tensor shape (the LLM's and SAM's keys); preprocessor: CLIP's
-    preprocessor_config.json; added_tokens: the checkpoint's added_tokens.json (checked against the vocab).
+    preprocessor_config.json; added_tokens: the checkpoint's added_tokens.json (checked against the vocab);
+    name: the model's name, default the registry size whose architecture this is (e.g. "tiny"), else "checkpoint".
     """
     c = checkpoint_config
 
@@ -365,7 +392,7 @@ def config_from_sources(
         return c[key]
 
     fields = {
-        "name": name,
+        "name": name or "checkpoint",
         "vocab_size": int(need("vocab_size")),
         "hidden_size": int(need("hidden_size")),
         "num_layers": int(need("num_hidden_layers")),
@@ -407,6 +434,8 @@ def config_from_sources(
             f"checkpoint config.json: hidden_size {fields['hidden_size']} is not a multiple of num_attention_heads {fields['num_heads']}"
         )
     cfg = LegionConfig(**fields)
+    if name is None and (size := registry_name(cfg)) is not None:
+        cfg = cfg.replace(name=size)
     if added_tokens:
         expected = {tok: cfg.base_vocab_size + i for i, tok in enumerate(ADDED_TOKENS)}
         for tok, idx in expected.items():

@@ -164,6 +164,7 @@ def test_metadata_and_config_without_reading_weights(tiny_paths):
     assert infos["lm_head.weight"].file.name == SHARD2
     cfg = read_legion_config(tiny_paths.checkpoint, tiny_paths.clip, infos)
     assert cfg.sam_embed_dim == 32 and cfg.sam_global_attn_indexes == (1,) and cfg.sam_window_size == 14
+    assert cfg.name == "tiny" and cfg.vocab_size == 1007
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ def test_real_sizes_from_the_published_configs():
                   "sam_window_size", "sam_global_attn_indexes", "clip_mean", "clip_std"):  # fmt: skip
         assert getattr(cfg, field) == getattr(ref, field), field
     assert cfg.num_kv_heads == 32  # absent from config.json: = heads
+    assert cfg.name == "legion-7b"  # recognised from its architecture
     assert cfg.head_dim == 128 and cfg.num_image_tokens == 576 and cfg.clip_layers_needed == 23
     assert cfg.token_ids == {"bos": 1, "eos": 2, "unk": 0, "pad": 0, "im_start": 32000, "im_end": 32001, "bbox": 32002,
                              "point": 32003, "seg": 32004, "p_start": 32005, "p_end": 32006}  # fmt: skip
