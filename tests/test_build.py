@@ -142,3 +142,18 @@ def test_wheel_maps_export_into_the_package(tmp_path):
     assert "legion_rt/export/__init__.py" in names
     assert "legion_rt/ops.py" in names
     assert not any(n.startswith("export/") for n in names), "export/ must only appear as legion_rt/export"
+
+
+@pytest.mark.slow
+def test_cuda_architectures_override(tmp_path):
+    """CMAKE_CUDA_ARCHITECTURES (the standard CMake way) replaces the default list (~1 min: nvcc, one arch)."""
+    if shutil.which("cmake") is None or shutil.which("nvcc") is None:
+        pytest.skip("cmake or nvcc is not installed")
+    build = tmp_path / "build"
+    cfg = _cmake_configure(build, "-DLEGION_RT_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90-real")
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    out = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, timeout=170)
+    assert out.returncode == 0, out.stdout + out.stderr
+    so = next(build.glob("_C*.so"))
+    entries = set(fatbin_entries(elf_sections(so)[".nv_fatbin"]))
+    assert entries == {("sass", 90)}, entries
