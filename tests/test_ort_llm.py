@@ -203,3 +203,29 @@ def test_ms_per_token_context_1024_vs_128_small(tmp_path):
     )
     # A copy of the whole cache per step would make this grow with the context; 2.0 leaves room for noise.
     assert ratio < 2.0
+
+
+def test_graph_and_manifest_mismatch_is_an_artifact_error(tmp_path):
+    from legion_rt.errors import ArtifactError
+
+    model = _llama(6)
+    info = build_llm_graph(model, tmp_path / "llm.onnx")
+    wrong = dict(info.to_json(), num_layers=3)  # the graph has 2 layers
+    with pytest.raises(ArtifactError, match="missing inputs"):
+        OrtLLM(tmp_path / "llm.onnx", {"graphs": {"llm": wrong}})
+    with pytest.raises(ArtifactError, match="graphs.llm"):
+        OrtLLM(tmp_path / "llm.onnx", {"graphs": {}})
+    with pytest.raises(ArtifactError, match="kind"):
+        OrtLLM(tmp_path / "llm.onnx", {"graphs": {"llm": dict(info.to_json(), kind="something_else")}})
+
+
+def test_unsupported_llm_configs_raise_export_error(tmp_path):
+    from export.onnx_llm import ExportError
+
+    model = _llama(7)
+    model.config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(ExportError, match="rope_type"):
+        build_llm_graph(model, tmp_path / "llm.onnx")
+    model = _llama(7)
+    with pytest.raises(ExportError, match="precision"):
+        build_llm_graph(model, tmp_path / "llm.onnx", precision="int4")

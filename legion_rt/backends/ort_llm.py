@@ -96,6 +96,14 @@ class OrtLLM:
                     f"{os.fspath(session_or_path)}: cannot create an ONNX Runtime session: {err}"
                 ) from None
         self.session = session_or_path
+        n = self.names
+        want = {n["inputs_embeds"], n["seqlens_k"], n["total_sequence_length"]}
+        want |= {n[k].format(i=i) for k in ("past_key", "past_value") for i in range(self.num_layers)}
+        missing = sorted(want - {i.name for i in self.session.get_inputs()})
+        if missing:
+            raise ArtifactError(
+                f"llm.onnx does not match manifest.json graphs.llm: missing inputs {missing[:4]}"
+            )
         provider = self.session.get_providers()[0]
         # KV buffers live where the attention runs: device memory when the CUDA provider runs GroupQueryAttention
         # (its CUDA kernel is fp16/bf16 only, so an fp16 artifact), host memory otherwise (CPU provider, or an fp32
@@ -194,8 +202,9 @@ class OrtLLM:
         except Exception as err:
             raise BackendError(f"llm.onnx failed at cache length {cache.length} + {S}: {err}") from None
         outs = binding.get_outputs()  # in binding order: the 2 * num_layers caches, then logits, hidden
-        logits = outs[-2].numpy()[0].astype(np.float32, copy=False)  # [V]
-        hidden = outs[-1].numpy()[0].astype(np.float32, copy=False)  # [H]
+        # own copies (V + H floats): never views into buffers ONNX Runtime may reuse
+        logits = np.array(outs[-2].numpy()[0], dtype=np.float32)  # [V]
+        hidden = np.array(outs[-1].numpy()[0], dtype=np.float32)  # [H]
         cache.length = total
         return logits, hidden
 
