@@ -27,8 +27,12 @@ constexpr int64_t kMaxDim = int64_t{1} << 24;
 // Largest number of elements one output may have (2^40 bytes); larger requests are refused up front.
 constexpr int64_t kMaxElements = int64_t{1} << 40;
 
-[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
-[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
+[[noreturn]] void value_error(const std::string& msg) {
+  throw py::value_error(msg);
+}
+[[noreturn]] void type_error(const std::string& msg) {
+  throw py::type_error(msg);
+}
 
 std::string shape_str(const py::array& a) {
   std::string s = "(";
@@ -39,7 +43,8 @@ std::string shape_str(const py::array& a) {
 
 py::array as_array(const py::handle& obj, const char* name) {
   if (!py::isinstance<py::array>(obj))
-    type_error(std::string(name) + " must be a numpy.ndarray, got " + std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+    type_error(std::string(name) + " must be a numpy.ndarray, got " +
+               std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
   return py::reinterpret_borrow<py::array>(obj);
 }
 
@@ -62,8 +67,7 @@ int64_t check_dim(int64_t v, const char* name) {
 int64_t checked_mul(int64_t a, int64_t b, const char* what) {
   int64_t r = 0;
   if (__builtin_mul_overflow(a, b, &r) || r > kMaxElements)
-    value_error(std::string(what) + " is too large (" + std::to_string(a) + " x " + std::to_string(b) +
-                " elements)");
+    value_error(std::string(what) + " is too large (" + std::to_string(a) + " x " + std::to_string(b) + " elements)");
   return r;
 }
 
@@ -117,8 +121,7 @@ int check_threads(int n) {
 
 std::pair<int, int> check_rgb(const py::array& rgb) {
   check_dtype(rgb, "rgb", py::dtype::of<uint8_t>(), "uint8");
-  if (rgb.ndim() != 3 || rgb.shape(2) != 3)
-    value_error("rgb must have shape [H, W, 3], got " + shape_str(rgb));
+  if (rgb.ndim() != 3 || rgb.shape(2) != 3) value_error("rgb must have shape [H, W, 3], got " + shape_str(rgb));
   check_contiguous(rgb, "rgb");
   int64_t h = check_dim(rgb.shape(0), "rgb height"), w = check_dim(rgb.shape(1), "rgb width");
   checked_mul(h, w * 3, "rgb");
@@ -154,13 +157,14 @@ void check_geometry(int h, int w, const lrt::PreprocessParams& p, lrt::Preproces
   const double long_after = static_cast<double>(p.clip_shortest_edge) * std::max(h, w) / std::min(h, w);
   if (long_after >= static_cast<double>(kMaxDim))
     value_error("rgb aspect ratio " + std::to_string(h) + "x" + std::to_string(w) +
-                " is too extreme: the CLIP resize would be " + std::to_string(static_cast<int64_t>(long_after)) + " pixels long");
+                " is too extreme: the CLIP resize would be " + std::to_string(static_cast<int64_t>(long_after)) +
+                " pixels long");
   *g = lrt::preprocess_geometry(h, w, p);
 }
 
-py::tuple preprocess(const py::handle& rgb_obj, int clip_size, const py::handle& clip_crop,
-                     const py::handle& clip_mean, const py::handle& clip_std, int sam_size,
-                     const py::handle& sam_mean, const py::handle& sam_std, int num_threads) {
+py::tuple preprocess(const py::handle& rgb_obj, int clip_size, const py::handle& clip_crop, const py::handle& clip_mean,
+                     const py::handle& clip_std, int sam_size, const py::handle& sam_mean, const py::handle& sam_std,
+                     int num_threads) {
   py::array rgb = as_array(rgb_obj, "rgb");
   auto [h, w] = check_rgb(rgb);
   lrt::PreprocessParams p = make_params(clip_size, clip_crop, clip_mean, clip_std, sam_size, sam_mean, sam_std);
@@ -241,8 +245,8 @@ MaskArgs check_mask_sizes(int64_t n, int64_t in_h, int64_t in_w, const py::handl
   return a;
 }
 
-py::object postprocess_masks(const py::handle& low_obj, const py::handle& input_size,
-                             const py::handle& original_size, int image_size, bool with_stats, int num_threads) {
+py::object postprocess_masks(const py::handle& low_obj, const py::handle& input_size, const py::handle& original_size,
+                             int image_size, bool with_stats, int num_threads) {
   py::array low = as_array(low_obj, "low_res");
   check_dtype(low, "low_res", py::dtype::of<float>(), "float32");
   if (low.ndim() != 3) value_error("low_res must have shape [N, h, w], got " + shape_str(low));
@@ -266,8 +270,8 @@ py::object postprocess_masks(const py::handle& low_obj, const py::handle& input_
   uint8_t* m = reinterpret_cast<uint8_t*>(masks.mutable_data());
   {
     py::gil_scoped_release release;
-    lrt::postprocess_masks_cpu(src, a.n, a.in_h, a.in_w, image_size, a.input_h, a.input_w, a.out_h, a.out_w, m,
-                               u, bb, ar, num_threads);
+    lrt::postprocess_masks_cpu(src, a.n, a.in_h, a.in_w, image_size, a.input_h, a.input_w, a.out_h, a.out_w, m, u, bb,
+                               ar, num_threads);
   }
   if (!with_stats) return std::move(masks);
   return py::make_tuple(masks, uni, bboxes, areas);

@@ -30,24 +30,23 @@ struct PreprocessGeometry {
 PreprocessGeometry preprocess_geometry(int h, int w, const PreprocessParams& p);
 
 // rgb uint8 [h, w, 3] -> clip f32 [3, crop_h, crop_w], sam f32 [3, sam_size, sam_size] (zero padded).
-void preprocess_cpu(const uint8_t* rgb, int h, int w, const PreprocessParams& p, float* clip_out,
-                    float* sam_out, int threads);
+void preprocess_cpu(const uint8_t* rgb, int h, int w, const PreprocessParams& p, float* clip_out, float* sam_out,
+                    int threads);
 
 // Pillow's pass order for an (h, w) -> (out_h, out_w) resize that changes both sizes (see cpu_preprocess.cpp).
 bool pillow_vertical_first(int h, int w, int out_h, int out_w);
 
 // The window rows [oy0, oy1) x cols [ox0, ox1) of a Pillow-equivalent resize, uint8 [oy1-oy0, ox1-ox0, 3].
-void resize_window_u8(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1,
-                      int ox0, int ox1, uint8_t* dst, int threads);
+void resize_window_u8(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1, int ox0,
+                      int ox1, uint8_t* dst, int threads);
 
 // Pillow-equivalent Image.resize of an RGB uint8 [h, w, 3] image to [out_h, out_w, 3].
-void resize_rgb_cpu(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, uint8_t* out,
-                    int threads);
+void resize_rgb_cpu(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, uint8_t* out, int threads);
 
 // low_res f32 [n, in_h, in_w] -> masks bool [n, out_h, out_w]; if union_out != nullptr also the union
 // [out_h, out_w], bboxes int64 [n, 4] (x0, y0, x1, y1 end-exclusive; zeros when empty) and areas int64 [n].
-void postprocess_masks_cpu(const float* low_res, int n, int in_h, int in_w, int image_size, int input_h,
-                           int input_w, int out_h, int out_w, uint8_t* masks, uint8_t* union_out,
-                           int64_t* bboxes, int64_t* areas, int threads);
+void postprocess_masks_cpu(const float* low_res, int n, int in_h, int in_w, int image_size, int input_h, int input_w,
+                           int out_h, int out_w, uint8_t* masks, uint8_t* union_out, int64_t* bboxes, int64_t* areas,
+                           int threads);
 
 }  // namespace lrt

@@ -59,8 +59,7 @@ struct Kernel {
 #define LRT_FMA_TARGET __attribute__((target("avx2,fma")))
 template <>
 struct Kernel<1> {
-  LRT_FMA_TARGET static void intermediate_row(const float* src, int in_w, const Tables& t, int r, int wp,
-                                              float* irow) {
+  LRT_FMA_TARGET static void intermediate_row(const float* src, int in_w, const Tables& t, int r, int wp, float* irow) {
     const LinearTap ty = t.s1_rows[static_cast<size_t>(r)];
     const float* a = src + static_cast<int64_t>(ty.i0) * in_w;
     const float* b = src + static_cast<int64_t>(ty.i1) * in_w;
@@ -76,8 +75,7 @@ struct Kernel<1> {
     for (int x = 0; x < out_w; ++x)
       hrow[x] = __builtin_fmaf(irow[cols[x].i1], cols[x].w1, irow[cols[x].i0] * cols[x].w0);
   }
-  LRT_FMA_TARGET static void blend_row(const float* h0, const float* h1, float w0, float w1, int out_w,
-                                       uint8_t* out) {
+  LRT_FMA_TARGET static void blend_row(const float* h0, const float* h1, float w0, float w1, int out_w, uint8_t* out) {
     for (int x = 0; x < out_w; ++x) out[x] = __builtin_fmaf(h1[x], w1, h0[x] * w0) > 0.0f ? 1 : 0;
   }
   LRT_FMA_TARGET static int64_t union_row(const uint8_t* __restrict out, uint8_t* __restrict u, int out_w) {
@@ -89,11 +87,15 @@ struct Kernel<1> {
     return count;
   }
 };
-inline bool has_fma() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+inline bool has_fma() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
 #else
 template <>
 struct Kernel<1> : Kernel<0> {};
-inline bool has_fma() { return true; }  // aarch64: fmaf is a native instruction
+inline bool has_fma() {
+  return true;
+}  // aarch64: fmaf is a native instruction
 #endif
 
 template <int kVariant>
@@ -143,9 +145,9 @@ void run_rows(const float* low_res, int n, int in_h, int in_w, int wp, int out_h
 
 }  // namespace
 
-void postprocess_masks_cpu(const float* low_res, int n, int in_h, int in_w, int image_size, int input_h,
-                           int input_w, int out_h, int out_w, uint8_t* masks, uint8_t* union_out,
-                           int64_t* bboxes, int64_t* areas, int threads) {
+void postprocess_masks_cpu(const float* low_res, int n, int in_h, int in_w, int image_size, int input_h, int input_w,
+                           int out_h, int out_w, uint8_t* masks, uint8_t* union_out, int64_t* bboxes, int64_t* areas,
+                           int threads) {
   Tables t;
   const float s1h = torch_linear_scale(in_h, image_size), s1w = torch_linear_scale(in_w, image_size);
   const float s2h = torch_linear_scale(input_h, out_h), s2w = torch_linear_scale(input_w, out_w);

@@ -55,9 +55,8 @@ AxisPlan make_axis_plan(int in_size, int out_size, Filter filter) {
     for (int x = 0; x < xmax; ++x) {
       double v = ww != 0.0 ? k[static_cast<size_t>(x)] / ww : k[static_cast<size_t>(x)];
       // Fixed point, rounding half away from zero (Pillow's normalize_coeffs_8bpc).
-      p.coeffs[static_cast<size_t>(i) * p.taps + x] =
-          v < 0 ? static_cast<int32_t>(-0.5 + v * (1 << kPrecisionBits))
-                : static_cast<int32_t>(0.5 + v * (1 << kPrecisionBits));
+      p.coeffs[static_cast<size_t>(i) * p.taps + x] = v < 0 ? static_cast<int32_t>(-0.5 + v * (1 << kPrecisionBits))
+                                                            : static_cast<int32_t>(0.5 + v * (1 << kPrecisionBits));
     }
     p.start[static_cast<size_t>(i)] = xmin;
     p.count[static_cast<size_t>(i)] = xmax;
@@ -103,8 +102,8 @@ namespace {
 #define LRT_SIMD_CLONES
 #endif
 
-constexpr int kRowBlock = 8;                // source rows resampled together by the horizontal pass
-constexpr int kLanes = kRowBlock * 3;       // int32 lanes per tile column: 8 rows x RGB
+constexpr int kRowBlock = 8;           // source rows resampled together by the horizontal pass
+constexpr int kLanes = kRowBlock * 3;  // int32 lanes per tile column: 8 rows x RGB
 
 // One block of up to kRowBlock rows: tile [ncols][kLanes] int32 holds the needed source columns, pixel-major;
 // each output pixel accumulates all lanes at once (vectorisable), then rows are written back interleaved.
@@ -166,8 +165,8 @@ void horizontal_pass(const uint8_t* src, int64_t src_stride, int rows, const Axi
 }
 
 // One output row of the vertical pass: out[x] = clip8(init + sum_j rows[j][x] * k[j]) over n bytes.
-LRT_SIMD_CLONES void vertical_row(const uint8_t* __restrict base, int64_t stride, const int32_t* __restrict k,
-                                  int cnt, int64_t n, int32_t* __restrict acc, uint8_t* __restrict out) {
+LRT_SIMD_CLONES void vertical_row(const uint8_t* __restrict base, int64_t stride, const int32_t* __restrict k, int cnt,
+                                  int64_t n, int32_t* __restrict acc, uint8_t* __restrict out) {
   for (int64_t x = 0; x < n; ++x) acc[x] = resample_round_init();
   for (int j = 0; j < cnt; ++j) {
     const uint8_t* __restrict row = base + j * stride;
@@ -180,8 +179,8 @@ LRT_SIMD_CLONES void vertical_row(const uint8_t* __restrict base, int64_t stride
 // Vertical pass: output rows [oy0, oy0 + win_h) of plan `pv` over `cols` columns of `src`, whose first row is
 // source row `row0` (row stride `src_stride` bytes); writes win_h x cols x 3 into dst. Accumulates whole rows
 // (the same integer sums as Pillow in a vectorisable order).
-void vertical_pass(const uint8_t* src, int64_t src_stride, int row0, int cols, const AxisPlan& pv, int oy0,
-                   int win_h, uint8_t* dst, int threads) {
+void vertical_pass(const uint8_t* src, int64_t src_stride, int row0, int cols, const AxisPlan& pv, int oy0, int win_h,
+                   uint8_t* dst, int threads) {
   const int64_t n = static_cast<int64_t>(cols) * 3;
   parallel_for(win_h, threads, [&](int64_t b, int64_t e) {
     std::vector<int32_t> acc(static_cast<size_t>(n));
@@ -214,8 +213,8 @@ bool pillow_vertical_first(int h, int w, int out_h, int out_w) {
   return out_h < h && out_w != w && 2 * static_cast<int64_t>(w - out_w) < static_cast<int64_t>(h - out_h);
 }
 
-void resize_window_u8(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1,
-                      int ox0, int ox1, uint8_t* dst, int threads) {
+void resize_window_u8(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1, int ox0,
+                      int ox1, uint8_t* dst, int threads) {
   const bool need_h = out_w != w, need_v = out_h != h;
   const int win_w = ox1 - ox0, win_h = oy1 - oy0;
   const int64_t stride = static_cast<int64_t>(w) * 3;
@@ -250,8 +249,8 @@ namespace {
 // Resize the output window rows [oy0, oy1) x cols [ox0, ox1) and hand each pixel to emit(y, x, r, g, b)
 // (window coordinates).
 template <typename Emit>
-void resize_window(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1,
-                   int ox0, int ox1, int threads, Emit emit) {
+void resize_window(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1, int ox0,
+                   int ox1, int threads, Emit emit) {
   const int win_w = ox1 - ox0, win_h = oy1 - oy0;
   std::vector<uint8_t> win(static_cast<size_t>(win_h) * win_w * 3);
   resize_window_u8(rgb, h, w, out_h, out_w, filter, oy0, oy1, ox0, ox1, win.data(), threads);
@@ -265,13 +264,12 @@ void resize_window(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filte
 
 }  // namespace
 
-void resize_rgb_cpu(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, uint8_t* out,
-                    int threads) {
+void resize_rgb_cpu(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, uint8_t* out, int threads) {
   resize_window_u8(rgb, h, w, out_h, out_w, filter, 0, out_h, 0, out_w, out, threads);
 }
 
-void preprocess_cpu(const uint8_t* rgb, int h, int w, const PreprocessParams& p, float* clip_out,
-                    float* sam_out, int threads) {
+void preprocess_cpu(const uint8_t* rgb, int h, int w, const PreprocessParams& p, float* clip_out, float* sam_out,
+                    int threads) {
   const PreprocessGeometry g = preprocess_geometry(h, w, p);
   // A uint8 input has 256 values per channel: tabulate the (exact, per-value) normalisations once.
   float clip_lut[3][256], sam_lut[3][256];
@@ -281,9 +279,8 @@ void preprocess_cpu(const uint8_t* rgb, int h, int w, const PreprocessParams& p,
       sam_lut[c][v] = sam_normalize(static_cast<uint8_t>(v), p.sam_mean[c], p.sam_std[c]);
     }
   const int64_t clip_plane = static_cast<int64_t>(p.clip_crop_h) * p.clip_crop_w;
-  resize_window(rgb, h, w, g.clip_resized_h, g.clip_resized_w, Filter::Bicubic, g.clip_top,
-                g.clip_top + p.clip_crop_h, g.clip_left, g.clip_left + p.clip_crop_w, threads,
-                [&](int y, int x, uint8_t r, uint8_t gg, uint8_t b) {
+  resize_window(rgb, h, w, g.clip_resized_h, g.clip_resized_w, Filter::Bicubic, g.clip_top, g.clip_top + p.clip_crop_h,
+                g.clip_left, g.clip_left + p.clip_crop_w, threads, [&](int y, int x, uint8_t r, uint8_t gg, uint8_t b) {
                   float* o = clip_out + static_cast<int64_t>(y) * p.clip_crop_w + x;
                   o[0] = clip_lut[0][r];
                   o[clip_plane] = clip_lut[1][gg];

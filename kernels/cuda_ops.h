@@ -10,14 +10,14 @@
 namespace lrt {
 
 // rgb uint8 [h, w, 3] -> clip f32 [3, crop_h, crop_w], sam f32 [3, sam_size, sam_size]; same math as the CPU.
-int preprocess_cuda(const uint8_t* rgb, int h, int w, const PreprocessParams& p, float* clip_out,
-                    float* sam_out, uintptr_t stream);
+int preprocess_cuda(const uint8_t* rgb, int h, int w, const PreprocessParams& p, float* clip_out, float* sam_out,
+                    uintptr_t stream);
 
 // low_res f32 [n, in_h, in_w] -> masks bool(uint8) [n, out_h, out_w]; union/bboxes/areas may be null
 // (all or none) and then are not computed.
-int postprocess_masks_cuda(const float* low_res, int n, int in_h, int in_w, int image_size, int input_h,
-                           int input_w, int out_h, int out_w, uint8_t* masks, uint8_t* union_out,
-                           int64_t* bboxes, int64_t* areas, uintptr_t stream);
+int postprocess_masks_cuda(const float* low_res, int n, int in_h, int in_w, int image_size, int input_h, int input_w,
+                           int out_h, int out_w, uint8_t* masks, uint8_t* union_out, int64_t* bboxes, int64_t* areas,
+                           uintptr_t stream);
 
 // Number of usable CUDA devices; 0 on any error (no driver, no device). Never throws.
 int cuda_device_count();

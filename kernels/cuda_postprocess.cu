@@ -30,43 +30,44 @@ __global__ void init_stats_kernel(MaskStat* stats, int n) {
 __global__ void postprocess_kernel(const float* low_res, MaskGeom g, uint8_t* masks, uint8_t* union_out,
                                    MaskStat* stats) {
   const int x = blockIdx.x * blockDim.x + threadIdx.x;
-  const int y = blockIdx.y;
-  const bool inside = x < g.out_w;
-  const unsigned lane = threadIdx.x & 31u;
-  // Stage-2 taps of this output pixel, then stage-1 taps of the 2 x 2 intermediate pixels it reads.
-  LinearTap ty2 = torch_linear_tap(g.s2h, y, g.input_h);
-  LinearTap tx2 = torch_linear_tap(g.s2w, inside ? x : 0, g.input_w);
-  LinearTap ty1a = torch_linear_tap(g.s1h, ty2.i0, g.in_h), ty1b = torch_linear_tap(g.s1h, ty2.i1, g.in_h);
-  LinearTap tx1a = torch_linear_tap(g.s1w, tx2.i0, g.in_w), tx1b = torch_linear_tap(g.s1w, tx2.i1, g.in_w);
-  const int64_t plane_in = static_cast<int64_t>(g.in_h) * g.in_w;
-  const int64_t plane_out = static_cast<int64_t>(g.out_h) * g.out_w;
-  const int64_t idx = static_cast<int64_t>(y) * g.out_w + x;
-  uint8_t any = 0;
-  for (int m = 0; m < g.n; ++m) {
-    const float* src = low_res + m * plane_in;
-    float v00 = stage1_value(src, g.in_w, ty1a, tx1a), v01 = stage1_value(src, g.in_w, ty1a, tx1b);
-    float v10 = stage1_value(src, g.in_w, ty1b, tx1a), v11 = stage1_value(src, g.in_w, ty1b, tx1b);
-    float r0 = torch_lerp(v00, v01, tx2.w0, tx2.w1);
-    float r1 = torch_lerp(v10, v11, tx2.w0, tx2.w1);
-    const bool on = inside && torch_lerp(r0, r1, ty2.w0, ty2.w1) > 0.0f;
-    if (inside) masks[m * plane_out + idx] = on ? 1 : 0;
-    any |= on ? 1 : 0;
-    if (stats != nullptr) {
-      const unsigned ballot = __ballot_sync(0xffffffffu, on);
-      if (ballot != 0u) {
-        const int xmin = __reduce_min_sync(0xffffffffu, on ? x : INT_MAX);
-        const int xmax = __reduce_max_sync(0xffffffffu, on ? x : -1);
-        if (lane == 0) {
-          atomicMin(&stats[m].x0, xmin);
-          atomicMax(&stats[m].x1, xmax);
-          atomicMin(&stats[m].y0, y);
-          atomicMax(&stats[m].y1, y);
-          atomicAdd(&stats[m].area, static_cast<unsigned long long>(__popc(ballot)));
+  for (int y = blockIdx.y; y < g.out_h; y += gridDim.y) {  // grid-stride: gridDim.y is capped at 65535
+    const bool inside = x < g.out_w;
+    const unsigned lane = threadIdx.x & 31u;
+    // Stage-2 taps of this output pixel, then stage-1 taps of the 2 x 2 intermediate pixels it reads.
+    LinearTap ty2 = torch_linear_tap(g.s2h, y, g.input_h);
+    LinearTap tx2 = torch_linear_tap(g.s2w, inside ? x : 0, g.input_w);
+    LinearTap ty1a = torch_linear_tap(g.s1h, ty2.i0, g.in_h), ty1b = torch_linear_tap(g.s1h, ty2.i1, g.in_h);
+    LinearTap tx1a = torch_linear_tap(g.s1w, tx2.i0, g.in_w), tx1b = torch_linear_tap(g.s1w, tx2.i1, g.in_w);
+    const int64_t plane_in = static_cast<int64_t>(g.in_h) * g.in_w;
+    const int64_t plane_out = static_cast<int64_t>(g.out_h) * g.out_w;
+    const int64_t idx = static_cast<int64_t>(y) * g.out_w + x;
+    uint8_t any = 0;
+    for (int m = 0; m < g.n; ++m) {
+      const float* src = low_res + m * plane_in;
+      float v00 = stage1_value(src, g.in_w, ty1a, tx1a), v01 = stage1_value(src, g.in_w, ty1a, tx1b);
+      float v10 = stage1_value(src, g.in_w, ty1b, tx1a), v11 = stage1_value(src, g.in_w, ty1b, tx1b);
+      float r0 = torch_lerp(v00, v01, tx2.w0, tx2.w1);
+      float r1 = torch_lerp(v10, v11, tx2.w0, tx2.w1);
+      const bool on = inside && torch_lerp(r0, r1, ty2.w0, ty2.w1) > 0.0f;
+      if (inside) masks[m * plane_out + idx] = on ? 1 : 0;
+      any |= on ? 1 : 0;
+      if (stats != nullptr) {
+        const unsigned ballot = __ballot_sync(0xffffffffu, on);
+        if (ballot != 0u) {
+          const int xmin = __reduce_min_sync(0xffffffffu, on ? x : INT_MAX);
+          const int xmax = __reduce_max_sync(0xffffffffu, on ? x : -1);
+          if (lane == 0) {
+            atomicMin(&stats[m].x0, xmin);
+            atomicMax(&stats[m].x1, xmax);
+            atomicMin(&stats[m].y0, y);
+            atomicMax(&stats[m].y1, y);
+            atomicAdd(&stats[m].area, static_cast<unsigned long long>(__popc(ballot)));
+          }
         }
       }
     }
+    if (union_out != nullptr && inside) union_out[idx] = any;
   }
-  if (union_out != nullptr && inside) union_out[idx] = any;
 }
 
 __global__ void finalize_stats_kernel(const MaskStat* stats, int n, int64_t* bboxes, int64_t* areas) {
@@ -91,9 +92,17 @@ int postprocess_masks_cuda(const float* low_res, int n, int in_h, int in_w, int 
                            int out_h, int out_w, uint8_t* masks, uint8_t* union_out, int64_t* bboxes, int64_t* areas,
                            uintptr_t stream_handle) {
   cudaStream_t stream = as_stream(stream_handle);
-  MaskGeom g{n, in_h, in_w, input_h, input_w, out_h, out_w,
-             torch_linear_scale(in_h, image_size), torch_linear_scale(in_w, image_size),
-             torch_linear_scale(input_h, out_h), torch_linear_scale(input_w, out_w)};
+  MaskGeom g{n,
+             in_h,
+             in_w,
+             input_h,
+             input_w,
+             out_h,
+             out_w,
+             torch_linear_scale(in_h, image_size),
+             torch_linear_scale(in_w, image_size),
+             torch_linear_scale(input_h, out_h),
+             torch_linear_scale(input_w, out_w)};
   const bool with_stats = union_out != nullptr;
   MaskStat* stats = nullptr;
   if (with_stats && n > 0) {
@@ -101,7 +110,8 @@ int postprocess_masks_cuda(const float* low_res, int n, int in_h, int in_w, int 
     init_stats_kernel<<<blocks_for(n, 128), 128, 0, stream>>>(stats, n);
   }
   // Block width 128 (whole warps: the warp reductions need every lane to take part).
-  postprocess_kernel<<<dim3(blocks_for(out_w, 128), out_h), 128, 0, stream>>>(low_res, g, masks, union_out, stats);
+  postprocess_kernel<<<dim3(blocks_for(out_w, 128), out_h < 65535 ? out_h : 65535), 128, 0, stream>>>(low_res, g, masks,
+                                                                                                      union_out, stats);
   cudaError_t err = cudaGetLastError();
   if (stats != nullptr) {
     if (err == cudaSuccess) {

@@ -25,44 +25,46 @@ struct DevPlan {
 __global__ void horizontal_kernel(const uint8_t* src, int64_t src_stride, int rows, DevPlan ph, int ox0, int win_w,
                                   uint8_t* dst) {
   const int x = blockIdx.x * blockDim.x + threadIdx.x;
-  const int r = blockIdx.y;
-  if (x >= win_w || r >= rows) return;
-  const int ox = ox0 + x;
-  const int s = ph.start[ox], cnt = ph.count[ox];
-  const int32_t* k = ph.coeffs + static_cast<int64_t>(ox) * ph.taps;
-  const uint8_t* px = src + r * src_stride + static_cast<int64_t>(s) * 3;
-  int32_t a0 = resample_round_init(), a1 = a0, a2 = a0;
-  for (int j = 0; j < cnt; ++j) {
-    a0 += px[3 * j + 0] * k[j];
-    a1 += px[3 * j + 1] * k[j];
-    a2 += px[3 * j + 2] * k[j];
+  if (x >= win_w) return;
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {  // grid-stride: gridDim.y is capped at 65535
+    const int ox = ox0 + x;
+    const int s = ph.start[ox], cnt = ph.count[ox];
+    const int32_t* k = ph.coeffs + static_cast<int64_t>(ox) * ph.taps;
+    const uint8_t* px = src + r * src_stride + static_cast<int64_t>(s) * 3;
+    int32_t a0 = resample_round_init(), a1 = a0, a2 = a0;
+    for (int j = 0; j < cnt; ++j) {
+      a0 += px[3 * j + 0] * k[j];
+      a1 += px[3 * j + 1] * k[j];
+      a2 += px[3 * j + 2] * k[j];
+    }
+    uint8_t* o = dst + (static_cast<int64_t>(r) * win_w + x) * 3;
+    o[0] = clip8(a0);
+    o[1] = clip8(a1);
+    o[2] = clip8(a2);
   }
-  uint8_t* o = dst + (static_cast<int64_t>(r) * win_w + x) * 3;
-  o[0] = clip8(a0);
-  o[1] = clip8(a1);
-  o[2] = clip8(a2);
 }
 
 // dst[yy][x] (yy < win_h, x < cols, RGB) = vertical resample at output row oy0 + yy; src row 0 is source row row0.
 __global__ void vertical_kernel(const uint8_t* src, int64_t src_stride, int row0, int cols, DevPlan pv, int oy0,
                                 int win_h, uint8_t* dst) {
   const int x = blockIdx.x * blockDim.x + threadIdx.x;
-  const int yy = blockIdx.y;
-  if (x >= cols || yy >= win_h) return;
-  const int oy = oy0 + yy;
-  const int s = pv.start[oy], cnt = pv.count[oy];
-  const int32_t* k = pv.coeffs + static_cast<int64_t>(oy) * pv.taps;
-  const uint8_t* px = src + static_cast<int64_t>(s - row0) * src_stride + static_cast<int64_t>(x) * 3;
-  int32_t a0 = resample_round_init(), a1 = a0, a2 = a0;
-  for (int j = 0; j < cnt; ++j) {
-    a0 += px[j * src_stride + 0] * k[j];
-    a1 += px[j * src_stride + 1] * k[j];
-    a2 += px[j * src_stride + 2] * k[j];
+  if (x >= cols) return;
+  for (int yy = blockIdx.y; yy < win_h; yy += gridDim.y) {
+    const int oy = oy0 + yy;
+    const int s = pv.start[oy], cnt = pv.count[oy];
+    const int32_t* k = pv.coeffs + static_cast<int64_t>(oy) * pv.taps;
+    const uint8_t* px = src + static_cast<int64_t>(s - row0) * src_stride + static_cast<int64_t>(x) * 3;
+    int32_t a0 = resample_round_init(), a1 = a0, a2 = a0;
+    for (int j = 0; j < cnt; ++j) {
+      a0 += px[j * src_stride + 0] * k[j];
+      a1 += px[j * src_stride + 1] * k[j];
+      a2 += px[j * src_stride + 2] * k[j];
+    }
+    uint8_t* o = dst + (static_cast<int64_t>(yy) * cols + x) * 3;
+    o[0] = clip8(a0);
+    o[1] = clip8(a1);
+    o[2] = clip8(a2);
   }
-  uint8_t* o = dst + (static_cast<int64_t>(yy) * cols + x) * 3;
-  o[0] = clip8(a0);
-  o[1] = clip8(a1);
-  o[2] = clip8(a2);
 }
 
 // win uint8 [win_h, win_w, 3] -> planar float [3, out_h, out_w] (CLIP when clip != 0, else SAM); pixels outside
@@ -70,24 +72,26 @@ __global__ void vertical_kernel(const uint8_t* src, int64_t src_stride, int row0
 __global__ void normalize_kernel(const uint8_t* win, int win_h, int win_w, float* out, int out_h, int out_w, int clip,
                                  float m0, float m1, float m2, float s0, float s1, float s2) {
   const int x = blockIdx.x * blockDim.x + threadIdx.x;
-  const int y = blockIdx.y;
-  if (x >= out_w || y >= out_h) return;
-  const int64_t plane = static_cast<int64_t>(out_h) * out_w, i = static_cast<int64_t>(y) * out_w + x;
-  if (y >= win_h || x >= win_w) {
-    out[i] = 0.0f;
-    out[plane + i] = 0.0f;
-    out[2 * plane + i] = 0.0f;
-    return;
-  }
-  const uint8_t* p = win + (static_cast<int64_t>(y) * win_w + x) * 3;
-  if (clip) {
-    out[i] = clip_normalize(p[0], m0, s0);
-    out[plane + i] = clip_normalize(p[1], m1, s1);
-    out[2 * plane + i] = clip_normalize(p[2], m2, s2);
-  } else {
-    out[i] = sam_normalize(p[0], m0, s0);
-    out[plane + i] = sam_normalize(p[1], m1, s1);
-    out[2 * plane + i] = sam_normalize(p[2], m2, s2);
+  if (x >= out_w) return;
+  const int64_t plane = static_cast<int64_t>(out_h) * out_w;
+  for (int y = blockIdx.y; y < out_h; y += gridDim.y) {
+    const int64_t i = static_cast<int64_t>(y) * out_w + x;
+    if (y >= win_h || x >= win_w) {
+      out[i] = 0.0f;
+      out[plane + i] = 0.0f;
+      out[2 * plane + i] = 0.0f;
+      continue;
+    }
+    const uint8_t* p = win + (static_cast<int64_t>(y) * win_w + x) * 3;
+    if (clip) {
+      out[i] = clip_normalize(p[0], m0, s0);
+      out[plane + i] = clip_normalize(p[1], m1, s1);
+      out[2 * plane + i] = clip_normalize(p[2], m2, s2);
+    } else {
+      out[i] = sam_normalize(p[0], m0, s0);
+      out[plane + i] = sam_normalize(p[1], m1, s1);
+      out[2 * plane + i] = sam_normalize(p[2], m2, s2);
+    }
   }
 }
 
@@ -110,10 +114,15 @@ cudaError_t upload_plan(const AxisPlan& p, cudaStream_t stream, int32_t** block,
 
 constexpr unsigned kThreads = 128;
 
+// gridDim.y is limited to 65535; kernels loop over the rest (grid-stride in y).
+inline unsigned grid_y(int64_t rows) {
+  return static_cast<unsigned>(rows < 65535 ? (rows < 1 ? 1 : rows) : 65535);
+}
+
 // Resizes the window [oy0, oy1) x [ox0, ox1) of an (out_h, out_w) resize into win (uint8 [win_h, win_w, 3]),
 // in Pillow's pass order (pillow_vertical_first).
-cudaError_t resize_window_cuda(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0,
-                               int oy1, int ox0, int ox1, uint8_t* win, cudaStream_t stream) {
+cudaError_t resize_window_cuda(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1,
+                               int ox0, int ox1, uint8_t* win, cudaStream_t stream) {
   const bool need_h = out_w != w, need_v = out_h != h;
   const int win_w = ox1 - ox0, win_h = oy1 - oy0;
   const int64_t stride = static_cast<int64_t>(w) * 3;
@@ -134,11 +143,11 @@ cudaError_t resize_window_cuda(const uint8_t* rgb, int h, int w, int out_h, int 
     err = cudaMemcpy2DAsync(win, static_cast<size_t>(win_w) * 3, rgb + oy0 * stride + ox0 * 3, stride,
                             static_cast<size_t>(win_w) * 3, win_h, cudaMemcpyDeviceToDevice, stream);
   } else if (!need_v) {
-    horizontal_kernel<<<dim3(blocks_for(win_w, kThreads), win_h), kThreads, 0, stream>>>(rgb + oy0 * stride, stride,
-                                                                                         win_h, dh, ox0, win_w, win);
+    horizontal_kernel<<<dim3(blocks_for(win_w, kThreads), grid_y(win_h)), kThreads, 0, stream>>>(
+        rgb + oy0 * stride, stride, win_h, dh, ox0, win_w, win);
   } else if (!need_h) {
-    vertical_kernel<<<dim3(blocks_for(win_w, kThreads), win_h), kThreads, 0, stream>>>(rgb + ox0 * 3, stride, 0, win_w,
-                                                                                       dv, oy0, win_h, win);
+    vertical_kernel<<<dim3(blocks_for(win_w, kThreads), grid_y(win_h)), kThreads, 0, stream>>>(
+        rgb + ox0 * 3, stride, 0, win_w, dv, oy0, win_h, win);
   } else if (pillow_vertical_first(h, w, out_h, out_w)) {
     int c0 = ph.start[ox0], c1 = 0;
     for (int o = ox0; o < ox1; ++o) {
@@ -147,11 +156,11 @@ cudaError_t resize_window_cuda(const uint8_t* rgb, int h, int w, int out_h, int 
     }
     err = cudaMallocAsync(reinterpret_cast<void**>(&tmp), static_cast<size_t>(win_h) * (c1 - c0) * 3, stream);
     if (err == cudaSuccess) {
-      vertical_kernel<<<dim3(blocks_for(c1 - c0, kThreads), win_h), kThreads, 0, stream>>>(rgb + c0 * 3, stride, 0,
-                                                                                          c1 - c0, dv, oy0, win_h, tmp);
+      vertical_kernel<<<dim3(blocks_for(c1 - c0, kThreads), grid_y(win_h)), kThreads, 0, stream>>>(
+          rgb + c0 * 3, stride, 0, c1 - c0, dv, oy0, win_h, tmp);
       // Horizontal pass over tmp whose column 0 is source column c0: shift the source pointer back by c0 so
       // the plan's absolute start indices stay valid (only columns >= c0 are read).
-      horizontal_kernel<<<dim3(blocks_for(win_w, kThreads), win_h), kThreads, 0, stream>>>(
+      horizontal_kernel<<<dim3(blocks_for(win_w, kThreads), grid_y(win_h)), kThreads, 0, stream>>>(
           tmp - static_cast<int64_t>(c0) * 3, static_cast<int64_t>(c1 - c0) * 3, win_h, dh, ox0, win_w, win);
     }
   } else {
@@ -162,9 +171,9 @@ cudaError_t resize_window_cuda(const uint8_t* rgb, int h, int w, int out_h, int 
     }
     err = cudaMallocAsync(reinterpret_cast<void**>(&tmp), static_cast<size_t>(r1 - r0) * win_w * 3, stream);
     if (err == cudaSuccess) {
-      horizontal_kernel<<<dim3(blocks_for(win_w, kThreads), r1 - r0), kThreads, 0, stream>>>(rgb + r0 * stride, stride,
-                                                                                            r1 - r0, dh, ox0, win_w, tmp);
-      vertical_kernel<<<dim3(blocks_for(win_w, kThreads), win_h), kThreads, 0, stream>>>(
+      horizontal_kernel<<<dim3(blocks_for(win_w, kThreads), grid_y(r1 - r0)), kThreads, 0, stream>>>(
+          rgb + r0 * stride, stride, r1 - r0, dh, ox0, win_w, tmp);
+      vertical_kernel<<<dim3(blocks_for(win_w, kThreads), grid_y(win_h)), kThreads, 0, stream>>>(
           tmp, static_cast<int64_t>(win_w) * 3, r0, win_w, dv, oy0, win_h, win);
     }
   }
@@ -185,11 +194,11 @@ int preprocess_cuda(const uint8_t* rgb, int h, int w, const PreprocessParams& p,
   const size_t clip_bytes = static_cast<size_t>(p.clip_crop_h) * p.clip_crop_w * 3;
   const size_t sam_bytes = static_cast<size_t>(g.sam_h) * g.sam_w * 3;
   LRT_CUDA_TRY(cudaMallocAsync(reinterpret_cast<void**>(&win), std::max(clip_bytes, sam_bytes), stream));
-  cudaError_t err = resize_window_cuda(rgb, h, w, g.clip_resized_h, g.clip_resized_w, Filter::Bicubic, g.clip_top,
-                                       g.clip_top + p.clip_crop_h, g.clip_left, g.clip_left + p.clip_crop_w, win,
-                                       stream);
+  cudaError_t err =
+      resize_window_cuda(rgb, h, w, g.clip_resized_h, g.clip_resized_w, Filter::Bicubic, g.clip_top,
+                         g.clip_top + p.clip_crop_h, g.clip_left, g.clip_left + p.clip_crop_w, win, stream);
   if (err == cudaSuccess) {
-    normalize_kernel<<<dim3(blocks_for(p.clip_crop_w, kThreads), p.clip_crop_h), kThreads, 0, stream>>>(
+    normalize_kernel<<<dim3(blocks_for(p.clip_crop_w, kThreads), grid_y(p.clip_crop_h)), kThreads, 0, stream>>>(
         win, p.clip_crop_h, p.clip_crop_w, clip_out, p.clip_crop_h, p.clip_crop_w, 1, p.clip_mean[0], p.clip_mean[1],
         p.clip_mean[2], p.clip_std[0], p.clip_std[1], p.clip_std[2]);
     err = cudaGetLastError();
@@ -197,7 +206,7 @@ int preprocess_cuda(const uint8_t* rgb, int h, int w, const PreprocessParams& p,
   if (err == cudaSuccess)
     err = resize_window_cuda(rgb, h, w, g.sam_h, g.sam_w, Filter::Bilinear, 0, g.sam_h, 0, g.sam_w, win, stream);
   if (err == cudaSuccess) {
-    normalize_kernel<<<dim3(blocks_for(p.sam_size, kThreads), p.sam_size), kThreads, 0, stream>>>(
+    normalize_kernel<<<dim3(blocks_for(p.sam_size, kThreads), grid_y(p.sam_size)), kThreads, 0, stream>>>(
         win, g.sam_h, g.sam_w, sam_out, p.sam_size, p.sam_size, 0, p.sam_mean[0], p.sam_mean[1], p.sam_mean[2],
         p.sam_std[0], p.sam_std[1], p.sam_std[2]);
     err = cudaGetLastError();
@@ -215,6 +224,8 @@ int cuda_device_count() {
   return n;
 }
 
-const char* cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+const char* cuda_error_string(int code) {
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
 
 }  // namespace lrt

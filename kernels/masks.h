@@ -48,7 +48,9 @@ LRT_HD LinearTap torch_linear_tap(float scale, int dst, int in_size) {
 }
 
 // One bilinear blend in torch's operation order.
-LRT_HD float torch_lerp(float a, float b, float wa, float wb) { return fmaf(b, wb, a * wa); }
+LRT_HD float torch_lerp(float a, float b, float wa, float wb) {
+  return fmaf(b, wb, a * wa);
+}
 
 // Stage-1 value of the 1024x1024 intermediate at (row tap ty, column tap tx) of one low-res mask `src`
 // (row-major, width `w`).

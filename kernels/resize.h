@@ -32,7 +32,9 @@ LRT_HD uint8_t clip8(int32_t acc) {
   return static_cast<uint8_t>(acc >> kPrecisionBits);
 }
 
-LRT_HD int32_t resample_round_init() { return 1 << (kPrecisionBits - 1); }
+LRT_HD int32_t resample_round_init() {
+  return 1 << (kPrecisionBits - 1);
+}
 
 // CLIP: uint8 * (1/255) in float64, cast to float32, then (x - mean) / std in float32
 // (transformers 4.28 CLIPImageProcessor: rescale in float64 then astype(float32); normalize in float32).
@@ -42,7 +44,9 @@ LRT_HD float clip_normalize(uint8_t v, float mean, float std_) {
 }
 
 // SAM: (x - mean) / std on 0..255 values in float32 (segment_anything Sam.preprocess).
-LRT_HD float sam_normalize(uint8_t v, float mean, float std_) { return (static_cast<float>(v) - mean) / std_; }
+LRT_HD float sam_normalize(uint8_t v, float mean, float std_) {
+  return (static_cast<float>(v) - mean) / std_;
+}
 
 // One axis of a resampling plan: for every output index, the first source index, the tap count, and
 // `taps` int32 fixed-point coefficients (zero padded).

@@ -105,8 +105,15 @@ def preprocess(
         raise ImageError(f"rgb must be a numpy.ndarray of uint8 [H, W, 3], got {type(rgb).__name__}")
     try:
         clip, sam, size = _C.preprocess(
-            rgb, clip_size, tuple(clip_crop), tuple(clip_mean), tuple(clip_std), sam_size,
-            tuple(sam_mean), tuple(sam_std), _threads(num_threads),
+            rgb,
+            clip_size,
+            tuple(clip_crop),
+            tuple(clip_mean),
+            tuple(clip_std),
+            sam_size,
+            tuple(sam_mean),
+            tuple(sam_std),
+            _threads(num_threads),
         )
     except (ValueError, TypeError) as exc:
         raise _convert(exc, image_arg=True) from None
@@ -123,7 +130,9 @@ def preprocess_geometry(
         raise _convert(exc, image_arg=False) from None
 
 
-def resize_rgb(rgb: np.ndarray, size: Sequence[int], resample: str, *, num_threads: int | None = None) -> np.ndarray:
+def resize_rgb(
+    rgb: np.ndarray, size: Sequence[int], resample: str, *, num_threads: int | None = None
+) -> np.ndarray:
     """Pillow-equivalent ``Image.resize`` of uint8 [H, W, 3] to size (h, w); resample 'bilinear'|'bicubic'."""
     if not isinstance(rgb, np.ndarray):
         raise ImageError(f"rgb must be a numpy.ndarray of uint8 [H, W, 3], got {type(rgb).__name__}")
@@ -144,7 +153,9 @@ def postprocess_masks(
 ):
     """float32 [N, h, w] -> bool [N, H, W]; with_stats -> (masks, union [H, W], bboxes int64 [N, 4], areas int64 [N])."""
     if not isinstance(low_res, np.ndarray):
-        raise RequestError(f"low_res must be a numpy.ndarray of float32 [N, h, w], got {type(low_res).__name__}")
+        raise RequestError(
+            f"low_res must be a numpy.ndarray of float32 [N, h, w], got {type(low_res).__name__}"
+        )
     try:
         return _C.postprocess_masks(
             low_res, input_size, original_size, image_size, bool(with_stats), _threads(num_threads)
@@ -186,8 +197,18 @@ def preprocess_cuda(
     Raises RuntimeError when built without CUDA or when a CUDA call fails."""
     try:
         h, w = _C.preprocess_cuda(
-            int(rgb_ptr), tuple(size), int(clip_out_ptr), int(sam_out_ptr), int(stream), clip_size,
-            tuple(clip_crop), tuple(clip_mean), tuple(clip_std), sam_size, tuple(sam_mean), tuple(sam_std),
+            int(rgb_ptr),
+            tuple(size),
+            int(clip_out_ptr),
+            int(sam_out_ptr),
+            int(stream),
+            clip_size,
+            tuple(clip_crop),
+            tuple(clip_mean),
+            tuple(clip_std),
+            sam_size,
+            tuple(sam_mean),
+            tuple(sam_std),
         )
     except (ValueError, TypeError) as exc:
         raise _convert(exc, image_arg=False) from None
@@ -212,8 +233,16 @@ def postprocess_masks_cuda(
     (give all three or none). Raises RuntimeError when built without CUDA or when a CUDA call fails."""
     try:
         _C.postprocess_masks_cuda(
-            int(low_res_ptr), tuple(low_res_shape), tuple(input_size), tuple(original_size),
-            int(masks_out_ptr), int(union_out_ptr), int(bboxes_out_ptr), int(areas_out_ptr), int(stream), image_size,
+            int(low_res_ptr),
+            tuple(low_res_shape),
+            tuple(input_size),
+            tuple(original_size),
+            int(masks_out_ptr),
+            int(union_out_ptr),
+            int(bboxes_out_ptr),
+            int(areas_out_ptr),
+            int(stream),
+            image_size,
         )
     except (ValueError, TypeError) as exc:
         raise _convert(exc, image_arg=False) from None

@@ -82,8 +82,16 @@ def test_static_cuda_runtime():
 def _cmake_configure(build: Path, *args: str, env=None) -> subprocess.CompletedProcess:
     import pybind11
 
-    cmd = ["cmake", "-S", str(REPO), "-B", str(build), f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-           f"-DPython_EXECUTABLE={sys.executable}", *args]
+    cmd = [
+        "cmake",
+        "-S",
+        str(REPO),
+        "-B",
+        str(build),
+        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+        f"-DPython_EXECUTABLE={sys.executable}",
+        *args,
+    ]
     if shutil.which("ninja"):
         cmd += ["-G", "Ninja"]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=170)
@@ -98,7 +106,9 @@ def test_cpu_only_build_imports_and_runs(tmp_path):
     cfg = _cmake_configure(build, "-DLEGION_RT_CUDA=OFF")
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
     assert "CUDA kernels: OFF" in cfg.stdout
-    out = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, timeout=170)
+    out = subprocess.run(
+        ["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, timeout=170
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     check = (
         "import sys, numpy as np; sys.path.insert(0, sys.argv[1]); import _C; "
@@ -106,7 +116,9 @@ def test_cpu_only_build_imports_and_runs(tmp_path):
         "c, s, hw = _C.preprocess(np.zeros((40, 50, 3), np.uint8)); assert hw == (819, 1024), hw; "
         "m = _C.postprocess_masks(np.ones((1, 256, 256), np.float32), hw, (40, 50)); assert m.all()"
     )
-    run = subprocess.run([sys.executable, "-c", check, str(build)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-c", check, str(build)], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0, run.stderr
     so = next(build.glob("_C*.so"))
     assert ".nv_fatbin" not in elf_sections(so)
@@ -132,8 +144,21 @@ def test_wheel_maps_export_into_the_package(tmp_path):
     """`pip wheel .` (CUDA off to keep it short) holds legion_rt/_C and export/ as legion_rt/export."""
     env = dict(os.environ, LEGION_RT_CUDA="OFF")
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path), str(REPO)],
-        capture_output=True, text=True, env=env, timeout=170,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-build-isolation",
+            "--no-deps",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=170,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     wheel = next(tmp_path.glob("legion_rt-*.whl"))
@@ -152,7 +177,9 @@ def test_cuda_architectures_override(tmp_path):
     build = tmp_path / "build"
     cfg = _cmake_configure(build, "-DLEGION_RT_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90-real")
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
-    out = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, timeout=170)
+    out = subprocess.run(
+        ["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True, timeout=170
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     so = next(build.glob("_C*.so"))
     entries = set(fatbin_entries(elf_sections(so)[".nv_fatbin"]))

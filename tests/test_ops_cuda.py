@@ -20,7 +20,9 @@ def cudart():
         pytest.skip("built without CUDA")
     if not ops.cuda_available():
         pytest.skip("no CUDA device present")
-    runtime = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python (cuda.bindings) is not installed")
+    runtime = pytest.importorskip(
+        "cuda.bindings.runtime", reason="cuda-python (cuda.bindings) is not installed"
+    )
     return runtime
 
 
@@ -45,12 +47,20 @@ class Device:
     def upload(self, arr: np.ndarray) -> int:
         arr = np.ascontiguousarray(arr)
         ptr = self.alloc(arr.nbytes)
-        _check(self.rt.cudaMemcpy(ptr, arr.ctypes.data, arr.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice))
+        _check(
+            self.rt.cudaMemcpy(
+                ptr, arr.ctypes.data, arr.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+            )
+        )
         return ptr
 
     def download(self, ptr: int, shape, dtype) -> np.ndarray:
         out = np.empty(shape, dtype)
-        _check(self.rt.cudaMemcpy(out.ctypes.data, ptr, out.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+        _check(
+            self.rt.cudaMemcpy(
+                out.ctypes.data, ptr, out.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            )
+        )
         return out
 
     def sync(self):
@@ -79,7 +89,9 @@ def test_preprocess_cuda_equals_cpu(cudart, h, w):
         dev.close()
 
 
-@pytest.mark.parametrize(("n", "h", "w"), [(0, 10, 10), (1, 1, 1), (8, 1080, 1920), (3, 4000, 2), (2, 2, 4000)])
+@pytest.mark.parametrize(
+    ("n", "h", "w"), [(0, 10, 10), (1, 1, 1), (8, 1080, 1920), (3, 4000, 2), (2, 2, 4000)]
+)
 def test_postprocess_cuda_equals_cpu(cudart, n, h, w):
     rng = np.random.default_rng(n * 31 + h + w)
     low = np.ascontiguousarray(

@@ -42,9 +42,20 @@ def random_logits(rng: np.random.Generator, n: int) -> np.ndarray:
 def _cases():
     rng = np.random.default_rng(1234)
     fixed = [
-        (0, 480, 640), (1, 1, 1), (8, 480, 640), (1, 4000, 3000), (1, 3000, 4000), (2, 4000, 7),
-        (2, 7, 4000), (1, 2, 4000), (1, 4000, 2), (3, 1080, 1920), (1, 1024, 1024), (1, 1023, 1025),
-        (8, 333, 500), (1, 2, 3),
+        (0, 480, 640),
+        (1, 1, 1),
+        (8, 480, 640),
+        (1, 4000, 3000),
+        (1, 3000, 4000),
+        (2, 4000, 7),
+        (2, 7, 4000),
+        (1, 2, 4000),
+        (1, 4000, 2),
+        (3, 1080, 1920),
+        (1, 1024, 1024),
+        (1, 1023, 1025),
+        (8, 333, 500),
+        (1, 2, 3),
     ]
     cases = list(fixed)
     while len(cases) < 26:
@@ -105,9 +116,11 @@ def test_stats_match_masks(n, h, w):
 def test_thread_counts_agree():
     rng = np.random.default_rng(3)
     low = random_logits(rng, 3)
-    outs = [ops.postprocess_masks(low, (768, 1024), (601, 803), with_stats=True, num_threads=t) for t in (1, 2, 5)]
+    outs = [
+        ops.postprocess_masks(low, (768, 1024), (601, 803), with_stats=True, num_threads=t) for t in (1, 2, 5)
+    ]
     for other in outs[1:]:
-        for a, b in zip(outs[0], other):
+        for a, b in zip(outs[0], other, strict=True):
             np.testing.assert_array_equal(a, b)
 
 
@@ -117,7 +130,9 @@ def test_without_fma_pixels_flip():
     scale = np.float32(256 / 1024)
     dst = np.arange(1024, dtype=np.float32) + np.float32(0.5)
     plain = scale * dst - np.float32(0.5)  # two roundings
-    fused = (scale.astype(np.float64) * dst.astype(np.float64) - 0.5).astype(np.float32)  # one rounding (exact product)
+    fused = (scale.astype(np.float64) * dst.astype(np.float64) - 0.5).astype(
+        np.float32
+    )  # one rounding (exact product)
     # With scale = 1/4 both are exact, so the coordinate pitfall only appears for non-power-of-two scales:
     scale2 = np.float32(768 / 1080)
     dst2 = np.arange(1080, dtype=np.float32) + np.float32(0.5)

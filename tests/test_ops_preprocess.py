@@ -71,8 +71,20 @@ def unnormalize_sam(sam: np.ndarray, size) -> np.ndarray:
     return np.rint(x).astype(np.int64)
 
 
-SIZES = [(1, 37), (41, 1), (1, 1), (336, 336), (336, 500), (700, 336), (480, 640), (1080, 1920),
-         (5000, 3000), (3000, 5000), (1024, 768), (2, 3000)]
+SIZES = [
+    (1, 37),
+    (41, 1),
+    (1, 1),
+    (336, 336),
+    (336, 500),
+    (700, 336),
+    (480, 640),
+    (1080, 1920),
+    (5000, 3000),
+    (3000, 5000),
+    (1024, 768),
+    (2, 3000),
+]
 
 
 def _random_sizes():
@@ -100,7 +112,7 @@ def test_preprocess_matches_pillow(h, w):
     print(f"{h}x{w}: max uint8 step clip={clip_step} sam={sam_step}")
     assert clip_step <= MAX_STEP and sam_step <= MAX_STEP
     # Padding is exactly zero.
-    assert not sam[0, :, size[0]:, :].any() and not sam[0, :, :, size[1]:].any()
+    assert not sam[0, :, size[0] :, :].any() and not sam[0, :, :, size[1] :].any()
     # After normalization: identical to the reference float math (measured: bit-identical).
     if clip_step == 0 and sam_step == 0:
         np.testing.assert_array_equal(clip, reference_clip(rgb))
@@ -123,8 +135,17 @@ def test_geometry_matches_reference_formulas():
 
 def _resize_cases():
     rng = np.random.default_rng(5)
-    cases = [(640, 480, 336, 410), (2000, 336, 7, 3), (100, 80, 336, 410), (100, 100, 40, 70), (100, 100, 40, 71),
-             (1, 500, 1, 9), (500, 1, 9, 1), (3, 3, 1000, 2), (2000, 1500, 1024, 768)]
+    cases = [
+        (640, 480, 336, 410),
+        (2000, 336, 7, 3),
+        (100, 80, 336, 410),
+        (100, 100, 40, 70),
+        (100, 100, 40, 71),
+        (1, 500, 1, 9),
+        (500, 1, 9, 1),
+        (3, 3, 1000, 2),
+        (2000, 1500, 1024, 768),
+    ]
     for _ in range(60):
         cases.append(tuple(int(v) for v in rng.integers(1, 160, size=4)))
     return cases
@@ -148,8 +169,16 @@ def test_resize_rgb_is_byte_exact_with_pillow(resample):
 
 def test_overrides_are_used():
     rgb = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
-    clip, sam, size = ops.preprocess(rgb, clip_size=224, clip_crop=(224, 224), sam_size=512,
-                                     clip_mean=(0, 0, 0), clip_std=(1, 1, 1), sam_mean=(0, 0, 0), sam_std=(1, 1, 1))
+    clip, sam, size = ops.preprocess(
+        rgb,
+        clip_size=224,
+        clip_crop=(224, 224),
+        sam_size=512,
+        clip_mean=(0, 0, 0),
+        clip_std=(1, 1, 1),
+        sam_mean=(0, 0, 0),
+        sam_std=(1, 1, 1),
+    )
     assert clip.shape == (1, 3, 224, 224) and sam.shape == (1, 3, 512, 512) and size == (384, 512)
     ref = np.asarray(Image.fromarray(rgb).resize((298, 224), Image.BICUBIC))[:, 37:261]
     np.testing.assert_array_equal(clip[0].transpose(1, 2, 0), (ref * (1 / 255)).astype(np.float32))
