@@ -186,8 +186,8 @@ def _plant_language(model, cfg: LegionConfig, prompt_len: int, words: list[int])
       plus SLOT on DEFAULT; the projector writes nothing on the planted dims.
     - layer 0, head 0: q = k = 0 (uniform causal attention) and v reads F, so its output, written on C, is
       proportional to the share of generated tokens in the context; nothing else writes on planted dims.
-    - lm_head: row of succ(t) reads t's slot, the first cycle token reads DEFAULT, EOS reads C, other rows are
-      small random values off the planted dims. EOS wins once C exceeds SLOT.
+    - lm_head: row of succ(t) reads t's slot only, the first cycle token reads DEFAULT only, EOS reads C only;
+      other rows are small random values off the planted dims. EOS wins once C exceeds SLOT.
     """
     ids = cfg.token_ids
     cycle = [
@@ -217,6 +217,7 @@ def _plant_language(model, cfg: LegionConfig, prompt_len: int, words: list[int])
         emb[tok] = 0.0
         emb[tok, slot] = SLOT
         emb[tok, flag] = 1.0
+    fan = (64 / h) ** 0.5  # the scales below are for hidden 64; keep per-dimension magnitudes for wider models
     for layer in llm.model.layers:
         for lin, scale in (
             (layer.self_attn.q_proj, 0.3),
@@ -227,7 +228,7 @@ def _plant_language(model, cfg: LegionConfig, prompt_len: int, words: list[int])
             (layer.mlp.up_proj, 0.15),
             (layer.mlp.down_proj, 0.1),
         ):
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * scale)
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * (scale * fan))
         layer.self_attn.o_proj.weight[planted, :] = 0.0
         layer.mlp.down_proj.weight[planted, :] = 0.0
     proj_out = model.mm_projector[2]
@@ -267,6 +268,9 @@ def _plant_language(model, cfg: LegionConfig, prompt_len: int, words: list[int])
     lm = llm.lm_head.weight  # [V, H]
     lm.copy_(torch.randn(lm.shape, generator=gen) * 0.02)
     lm[:, planted] = 0.0
+    # The planted rows read only planted dimensions, so their logits do not depend on the random dimensions.
+    lm[cycle] = 0.0
+    lm[cfg.eos_token_id] = 0.0
     for slot in range(k):
         lm[cycle[(slot + 1) % k], slot] = LOGIT_GAIN
     lm[cycle[0], default] = LOGIT_GAIN
