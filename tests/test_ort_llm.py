@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip 
 transformers = pytest.importorskip("transformers", reason="export-stage tests need transformers")
 
 from export.onnx_llm import build_llm_graph  # noqa: E402
-from legion_rt.backends.ort_llm import OrtLLM, measure_ms_per_token  # noqa: E402
+from legion_rt.backends.ort_llm import OrtLLM, decode_context_ratio  # noqa: E402
 from legion_rt.errors import RequestError  # noqa: E402
 
 # Measured on this machine (fp32, CPU, 2 seeds): logits 1.7e-6 / hidden 9.5e-7 max abs error over prefill +
@@ -196,12 +196,14 @@ def test_ms_per_token_context_1024_vs_128_small(tmp_path):
         max_pos=2048,
     )
     runner = _runner(model, tmp_path, threads=2)
-    ms = {ctx: measure_ms_per_token(runner, ctx, steps=24) for ctx in (128, 1024)}
-    ratio = ms[1024] / ms[128]
+    r = decode_context_ratio(runner, 128, 1024, repeats=3, steps=24)
+    ms, ratio = {128: r["ms_short"], 1024: r["ms_long"]}, r["ratio"]
     print(
         f"\nsmall LLM decode: {ms[128]:.3f} ms/token @128, {ms[1024]:.3f} ms/token @1024, ratio {ratio:.2f}"
     )
-    # A copy of the whole cache per step would make this grow with the context; 2.0 leaves room for noise.
+    # Attention must read the 1024 cached positions: for `small` (78 MB of weights, 25 MB of fp32 K/V at 1024)
+    # that alone predicts ~1.25 at the memory-bandwidth limit (measured 0.97-1.6 on the shared 2-core machine).
+    # A copy of the whole cache per step would add ~2x the K/V bytes again; 2.0 leaves room for load noise.
     assert ratio < 2.0
 
 
