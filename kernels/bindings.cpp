@@ -164,10 +164,11 @@ void check_geometry(int h, int w, const lrt::PreprocessParams& p, lrt::Preproces
 
 py::tuple preprocess(const py::handle& rgb_obj, int clip_size, const py::handle& clip_crop, const py::handle& clip_mean,
                      const py::handle& clip_std, int sam_size, const py::handle& sam_mean, const py::handle& sam_std,
-                     int num_threads) {
+                     int num_threads, bool pillow13_order) {
   py::array rgb = as_array(rgb_obj, "rgb");
   auto [h, w] = check_rgb(rgb);
   lrt::PreprocessParams p = make_params(clip_size, clip_crop, clip_mean, clip_std, sam_size, sam_mean, sam_std);
+  p.pillow13_order = pillow13_order;
   lrt::PreprocessGeometry g{};
   check_geometry(h, w, p, &g);
   check_threads(num_threads);
@@ -196,7 +197,8 @@ py::dict geometry(const py::handle& size, int clip_size, const py::handle& clip_
   return d;
 }
 
-py::array resize_rgb(const py::handle& rgb_obj, const py::handle& size, const std::string& filter, int num_threads) {
+py::array resize_rgb(const py::handle& rgb_obj, const py::handle& size, const std::string& filter, int num_threads,
+                     bool pillow13_order) {
   py::array rgb = as_array(rgb_obj, "rgb");
   auto [h, w] = check_rgb(rgb);
   auto out_hw = check_size_pair(size, "size");
@@ -214,7 +216,7 @@ py::array resize_rgb(const py::handle& rgb_obj, const py::handle& size, const st
   uint8_t* dst = out.mutable_data();
   {
     py::gil_scoped_release release;
-    lrt::resize_rgb_cpu(src, h, w, out_hw.first, out_hw.second, f, dst, num_threads);
+    lrt::resize_rgb_cpu(src, h, w, out_hw.first, out_hw.second, f, dst, num_threads, pillow13_order);
   }
   return out;
 }
@@ -307,13 +309,14 @@ void check_cuda(int code, const char* what) {
 py::tuple preprocess_cuda(uintptr_t rgb, const py::handle& size, uintptr_t clip_out, uintptr_t sam_out,
                           uintptr_t stream, int clip_size, const py::handle& clip_crop, const py::handle& clip_mean,
                           const py::handle& clip_std, int sam_size, const py::handle& sam_mean,
-                          const py::handle& sam_std) {
+                          const py::handle& sam_std, bool pillow13_order) {
   auto hw = check_size_pair(size, "size");
   checked_mul(int64_t{3} * hw.first, hw.second, "size");
   check_ptr(rgb, "rgb");
   check_ptr(clip_out, "clip_out");
   check_ptr(sam_out, "sam_out");
   lrt::PreprocessParams p = make_params(clip_size, clip_crop, clip_mean, clip_std, sam_size, sam_mean, sam_std);
+  p.pillow13_order = pillow13_order;
   lrt::PreprocessGeometry g{};
   check_geometry(hw.first, hw.second, p, &g);
 #ifdef LEGION_RT_WITH_CUDA
@@ -374,10 +377,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("preprocess", &preprocess, py::arg("rgb"), py::arg("clip_size") = 336, py::arg("clip_crop") = default_crop,
         py::arg("clip_mean") = clip_mean, py::arg("clip_std") = clip_std, py::arg("sam_size") = 1024,
         py::arg("sam_mean") = sam_mean, py::arg("sam_std") = sam_std, py::arg("num_threads") = 0,
-        "uint8 [H,W,3] -> (clip f32 [1,3,ch,cw], sam f32 [1,3,S,S], (h', w'))");
+        py::arg("pillow13_order") = true, "uint8 [H,W,3] -> (clip f32 [1,3,ch,cw], sam f32 [1,3,S,S], (h', w'))");
   m.def("geometry", &geometry, py::arg("size"), py::arg("clip_size") = 336, py::arg("clip_crop") = default_crop,
         py::arg("sam_size") = 1024, "Resize/crop geometry of preprocess for an image of size (H, W)");
   m.def("resize_rgb", &resize_rgb, py::arg("rgb"), py::arg("size"), py::arg("filter"), py::arg("num_threads") = 0,
+        py::arg("pillow13_order") = true,
         "Pillow-equivalent Image.resize of uint8 [H,W,3] to size=(h, w); filter 'bilinear' or 'bicubic'");
   m.def("postprocess_masks", &postprocess_masks, py::arg("low_res"), py::arg("input_size"), py::arg("original_size"),
         py::arg("image_size") = 1024, py::arg("with_stats") = false, py::arg("num_threads") = 0,
@@ -387,7 +391,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("preprocess_cuda", &preprocess_cuda, py::arg("rgb"), py::arg("size"), py::arg("clip_out"), py::arg("sam_out"),
         py::arg("stream") = 0, py::arg("clip_size") = 336, py::arg("clip_crop") = default_crop,
         py::arg("clip_mean") = clip_mean, py::arg("clip_std") = clip_std, py::arg("sam_size") = 1024,
-        py::arg("sam_mean") = sam_mean, py::arg("sam_std") = sam_std,
+        py::arg("sam_mean") = sam_mean, py::arg("sam_std") = sam_std, py::arg("pillow13_order") = true,
         "Device-pointer preprocess enqueued on `stream`; returns (h', w')");
   m.def("postprocess_masks_cuda", &postprocess_masks_cuda, py::arg("low_res"), py::arg("low_res_shape"),
         py::arg("input_size"), py::arg("original_size"), py::arg("masks_out"), py::arg("union_out") = 0,

@@ -17,6 +17,7 @@ struct PreprocessParams {
   int sam_size = 1024;  // SAM: longest side resized to this (bilinear), zero padded to sam_size^2
   float sam_mean[3] = {123.675f, 116.28f, 103.53f};
   float sam_std[3] = {58.395f, 57.12f, 57.375f};
+  bool pillow13_order = true;  // resampling pass order of Pillow >= 13 (else Pillow <= 12)
 };
 
 struct PreprocessGeometry {
@@ -34,14 +35,16 @@ void preprocess_cpu(const uint8_t* rgb, int h, int w, const PreprocessParams& p,
                     int threads);
 
 // Pillow's pass order for an (h, w) -> (out_h, out_w) resize that changes both sizes (see cpu_preprocess.cpp).
-bool pillow_vertical_first(int h, int w, int out_h, int out_w);
+// pillow13 = false reproduces Pillow <= 12, which always ran the horizontal pass first.
+bool pillow_vertical_first(int h, int w, int out_h, int out_w, bool pillow13);
 
 // The window rows [oy0, oy1) x cols [ox0, ox1) of a Pillow-equivalent resize, uint8 [oy1-oy0, ox1-ox0, 3].
 void resize_window_u8(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1, int ox0,
-                      int ox1, uint8_t* dst, int threads);
+                      int ox1, uint8_t* dst, int threads, bool pillow13 = true);
 
 // Pillow-equivalent Image.resize of an RGB uint8 [h, w, 3] image to [out_h, out_w, 3].
-void resize_rgb_cpu(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, uint8_t* out, int threads);
+void resize_rgb_cpu(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, uint8_t* out, int threads,
+                    bool pillow13 = true);
 
 // low_res f32 [n, in_h, in_w] -> masks bool [n, out_h, out_w]; if union_out != nullptr also the union
 // [out_h, out_w], bboxes int64 [n, 4] (x0, y0, x1, y1 end-exclusive; zeros when empty) and areas int64 [n].

@@ -205,7 +205,8 @@ std::pair<int, int> source_span(const AxisPlan& p, int o0, int o1) {
 
 }  // namespace
 
-bool pillow_vertical_first(int h, int w, int out_h, int out_w) {
+bool pillow_vertical_first(int h, int w, int out_h, int out_w, bool pillow13) {
+  if (!pillow13) return false;
   // Pillow 13 runs the vertical pass first when it shrinks the height and the height loses more than twice
   // as many pixels as the width: 2 * (w - out_w) < h - out_h. Determined by experiment against the installed
   // Pillow 13.0.0 (exact on 592 random size pairs and on threshold sweeps, both filters); Pillow <= 12 always
@@ -214,7 +215,7 @@ bool pillow_vertical_first(int h, int w, int out_h, int out_w) {
 }
 
 void resize_window_u8(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1, int ox0,
-                      int ox1, uint8_t* dst, int threads) {
+                      int ox1, uint8_t* dst, int threads, bool pillow13) {
   const bool need_h = out_w != w, need_v = out_h != h;
   const int win_w = ox1 - ox0, win_h = oy1 - oy0;
   const int64_t stride = static_cast<int64_t>(w) * 3;
@@ -229,7 +230,7 @@ void resize_window_u8(const uint8_t* rgb, int h, int w, int out_h, int out_w, Fi
     horizontal_pass(rgb + oy0 * stride, stride, win_h, ph, ox0, win_w, dst, threads);
   } else if (!need_h) {
     vertical_pass(rgb + ox0 * 3, stride, 0, win_w, pv, oy0, win_h, dst, threads);
-  } else if (pillow_vertical_first(h, w, out_h, out_w)) {
+  } else if (pillow_vertical_first(h, w, out_h, out_w, pillow13)) {
     auto [c0, c1] = source_span(ph, ox0, ox1);
     std::vector<uint8_t> tmp(static_cast<size_t>(win_h) * (c1 - c0) * 3);
     vertical_pass(rgb + c0 * 3, stride, 0, c1 - c0, pv, oy0, win_h, tmp.data(), threads);
@@ -250,10 +251,10 @@ namespace {
 // (window coordinates).
 template <typename Emit>
 void resize_window(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1, int ox0,
-                   int ox1, int threads, Emit emit) {
+                   int ox1, int threads, bool pillow13, Emit emit) {
   const int win_w = ox1 - ox0, win_h = oy1 - oy0;
   std::vector<uint8_t> win(static_cast<size_t>(win_h) * win_w * 3);
-  resize_window_u8(rgb, h, w, out_h, out_w, filter, oy0, oy1, ox0, ox1, win.data(), threads);
+  resize_window_u8(rgb, h, w, out_h, out_w, filter, oy0, oy1, ox0, ox1, win.data(), threads, pillow13);
   parallel_for(win_h, threads, [&](int64_t b, int64_t e) {
     for (int64_t y = b; y < e; ++y) {
       const uint8_t* row = win.data() + y * win_w * 3;
@@ -264,8 +265,9 @@ void resize_window(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filte
 
 }  // namespace
 
-void resize_rgb_cpu(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, uint8_t* out, int threads) {
-  resize_window_u8(rgb, h, w, out_h, out_w, filter, 0, out_h, 0, out_w, out, threads);
+void resize_rgb_cpu(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, uint8_t* out, int threads,
+                    bool pillow13) {
+  resize_window_u8(rgb, h, w, out_h, out_w, filter, 0, out_h, 0, out_w, out, threads, pillow13);
 }
 
 void preprocess_cpu(const uint8_t* rgb, int h, int w, const PreprocessParams& p, float* clip_out, float* sam_out,
@@ -280,7 +282,8 @@ void preprocess_cpu(const uint8_t* rgb, int h, int w, const PreprocessParams& p,
     }
   const int64_t clip_plane = static_cast<int64_t>(p.clip_crop_h) * p.clip_crop_w;
   resize_window(rgb, h, w, g.clip_resized_h, g.clip_resized_w, Filter::Bicubic, g.clip_top, g.clip_top + p.clip_crop_h,
-                g.clip_left, g.clip_left + p.clip_crop_w, threads, [&](int y, int x, uint8_t r, uint8_t gg, uint8_t b) {
+                g.clip_left, g.clip_left + p.clip_crop_w, threads, p.pillow13_order,
+                [&](int y, int x, uint8_t r, uint8_t gg, uint8_t b) {
                   float* o = clip_out + static_cast<int64_t>(y) * p.clip_crop_w + x;
                   o[0] = clip_lut[0][r];
                   o[clip_plane] = clip_lut[1][gg];
@@ -298,7 +301,7 @@ void preprocess_cpu(const uint8_t* rgb, int h, int w, const PreprocessParams& p,
         std::fill(row + g.sam_w, row + S, 0.0f);
     }
   });
-  resize_window(rgb, h, w, g.sam_h, g.sam_w, Filter::Bilinear, 0, g.sam_h, 0, g.sam_w, threads,
+  resize_window(rgb, h, w, g.sam_h, g.sam_w, Filter::Bilinear, 0, g.sam_h, 0, g.sam_w, threads, p.pillow13_order,
                 [&](int y, int x, uint8_t r, uint8_t gg, uint8_t b) {
                   float* o = sam_out + static_cast<int64_t>(y) * S + x;
                   o[0] = sam_lut[0][r];

@@ -122,7 +122,7 @@ inline unsigned grid_y(int64_t rows) {
 // Resizes the window [oy0, oy1) x [ox0, ox1) of an (out_h, out_w) resize into win (uint8 [win_h, win_w, 3]),
 // in Pillow's pass order (pillow_vertical_first).
 cudaError_t resize_window_cuda(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1,
-                               int ox0, int ox1, uint8_t* win, cudaStream_t stream) {
+                               int ox0, int ox1, uint8_t* win, cudaStream_t stream, bool pillow13) {
   const bool need_h = out_w != w, need_v = out_h != h;
   const int win_w = ox1 - ox0, win_h = oy1 - oy0;
   const int64_t stride = static_cast<int64_t>(w) * 3;
@@ -148,7 +148,7 @@ cudaError_t resize_window_cuda(const uint8_t* rgb, int h, int w, int out_h, int 
   } else if (!need_h) {
     vertical_kernel<<<dim3(blocks_for(win_w, kThreads), grid_y(win_h)), kThreads, 0, stream>>>(
         rgb + ox0 * 3, stride, 0, win_w, dv, oy0, win_h, win);
-  } else if (pillow_vertical_first(h, w, out_h, out_w)) {
+  } else if (pillow_vertical_first(h, w, out_h, out_w, pillow13)) {
     int c0 = ph.start[ox0], c1 = 0;
     for (int o = ox0; o < ox1; ++o) {
       c0 = std::min(c0, ph.start[o]);
@@ -194,9 +194,9 @@ int preprocess_cuda(const uint8_t* rgb, int h, int w, const PreprocessParams& p,
   const size_t clip_bytes = static_cast<size_t>(p.clip_crop_h) * p.clip_crop_w * 3;
   const size_t sam_bytes = static_cast<size_t>(g.sam_h) * g.sam_w * 3;
   LRT_CUDA_TRY(cudaMallocAsync(reinterpret_cast<void**>(&win), std::max(clip_bytes, sam_bytes), stream));
-  cudaError_t err =
-      resize_window_cuda(rgb, h, w, g.clip_resized_h, g.clip_resized_w, Filter::Bicubic, g.clip_top,
-                         g.clip_top + p.clip_crop_h, g.clip_left, g.clip_left + p.clip_crop_w, win, stream);
+  cudaError_t err = resize_window_cuda(rgb, h, w, g.clip_resized_h, g.clip_resized_w, Filter::Bicubic, g.clip_top,
+                                       g.clip_top + p.clip_crop_h, g.clip_left, g.clip_left + p.clip_crop_w, win,
+                                       stream, p.pillow13_order);
   if (err == cudaSuccess) {
     normalize_kernel<<<dim3(blocks_for(p.clip_crop_w, kThreads), grid_y(p.clip_crop_h)), kThreads, 0, stream>>>(
         win, p.clip_crop_h, p.clip_crop_w, clip_out, p.clip_crop_h, p.clip_crop_w, 1, p.clip_mean[0], p.clip_mean[1],
@@ -204,7 +204,8 @@ int preprocess_cuda(const uint8_t* rgb, int h, int w, const PreprocessParams& p,
     err = cudaGetLastError();
   }
   if (err == cudaSuccess)
-    err = resize_window_cuda(rgb, h, w, g.sam_h, g.sam_w, Filter::Bilinear, 0, g.sam_h, 0, g.sam_w, win, stream);
+    err = resize_window_cuda(rgb, h, w, g.sam_h, g.sam_w, Filter::Bilinear, 0, g.sam_h, 0, g.sam_w, win, stream,
+                             p.pillow13_order);
   if (err == cudaSuccess) {
     normalize_kernel<<<dim3(blocks_for(p.sam_size, kThreads), grid_y(p.sam_size)), kThreads, 0, stream>>>(
         win, g.sam_h, g.sam_w, sam_out, p.sam_size, p.sam_size, 0, p.sam_mean[0], p.sam_mean[1], p.sam_mean[2],

@@ -193,3 +193,19 @@ def test_thread_counts_agree():
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
     assert a[2] == b[2]
+
+
+def test_pillow12_pass_order_is_horizontal_first():
+    """pillow_order='12' reproduces Pillow <= 12 (horizontal pass first, always): equal to two explicit
+    single-axis resizes in that order; '13' differs from it exactly when Pillow 13 goes vertical first."""
+    rng = np.random.default_rng(21)
+    rgb = rng.integers(0, 256, (640, 480, 3), dtype=np.uint8)
+    h_first = ops.resize_rgb(ops.resize_rgb(rgb, (640, 410), "bicubic"), (336, 410), "bicubic")
+    v_first = ops.resize_rgb(ops.resize_rgb(rgb, (336, 480), "bicubic"), (336, 410), "bicubic")
+    np.testing.assert_array_equal(ops.resize_rgb(rgb, (336, 410), "bicubic", pillow_order="12"), h_first)
+    np.testing.assert_array_equal(ops.resize_rgb(rgb, (336, 410), "bicubic", pillow_order="13"), v_first)
+    assert not np.array_equal(
+        h_first, v_first
+    )  # 2*(480-410) = 140 < 640-336 = 304: Pillow 13 goes vertical first
+    with pytest.raises(ops.RequestError, match="pillow_order"):
+        ops.resize_rgb(rgb, (5, 5), "bicubic", pillow_order="11")
