@@ -60,11 +60,16 @@ def resolve_providers(providers) -> list[str]:
     return out
 
 
-def session_options(threads: int | None):
+def session_options(threads: int | None, *, spinning: bool = True):
+    """``spinning``: whether idle intra-op threads busy-wait for the next run (ORT's default). Good for the LLM's
+    back-to-back decode steps; bad for graphs that run concurrently with it (they would burn the cores the
+    decode needs), so those get ``spinning=False``."""
     ort = _import_ort()
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -130,13 +135,20 @@ class OnnxRuntimeBackend:
 
         self.llm = OrtLLM(self._sessions["llm"], art.manifest)
 
+    @staticmethod
+    def _spin(graph: str) -> bool:
+        mode = os.environ.get("LEGION_RT_SPIN", "llm")  # "all" | "llm" | "none" (experiments)
+        return mode == "all" or (mode == "llm" and graph == "llm")
+
     def _open_all(self, art: Artifacts, wanted: list[str], *, strict: bool) -> dict:
         sessions = {}
         for graph in ("vision", "sam_encoder", "mask_head", "llm"):
             path = art.graph_path(graph)
             try:
                 sess = self._ort.InferenceSession(
-                    os.fspath(path), session_options(self.threads), providers=_provider_list(wanted)
+                    os.fspath(path),
+                    session_options(self.threads, spinning=self._spin(graph)),
+                    providers=_provider_list(wanted),
                 )
             except Exception as e:  # onnxruntime raises its own (non-Python-standard) exception types
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
