@@ -22,6 +22,7 @@ test: $(STAMP) lint
 lint: $(STAMP)
 	$(VENV)/bin/ruff check legion_rt export tests benchmarks
 	$(VENV)/bin/ruff format --check legion_rt export tests benchmarks
+	$(VENV)/bin/clang-format --dry-run --Werror kernels/*.h kernels/*.cpp kernels/*.cu kernels/*.cuh
 
 install: $(STAMP)
 
