@@ -420,9 +420,20 @@ def _plan(model, sources: list[tuple[dict[str, TensorInfo], dict[str, str | None
     if missing:
         where = _origin_of(missing[0], sources)
         raise CheckpointError(
-            f"{where}: tensor for {missing[0]!r} is missing ({len(missing)} missing in all)"
+            f"{where}: tensor {_file_key_of(missing[0])!r} is missing ({len(missing)} missing in all)"
         )
     return _Plan(per_file)
+
+
+def _file_key_of(param: str) -> str:
+    """The key a parameter has in its file (for messages)."""
+    if param.startswith("llm."):
+        return param[4:]
+    if param.startswith("clip."):
+        return "vision_model." + param[5:]
+    if param.startswith("prediction_head."):
+        return param
+    return "model." + param
 
 
 def _origin_of(param: str, sources) -> Path:

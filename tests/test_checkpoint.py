@@ -157,6 +157,22 @@ def test_detector_inside_a_full_classifier_checkpoint(tiny_paths, tmp_path):
         load_legion(tiny_paths.checkpoint, tiny_paths.clip, path)
 
 
+def test_detector_in_a_sharded_classifier_directory(tiny_paths, tmp_path):
+    """A LegionForCls-style checkpoint directory: the head is found through the index, other shards unread."""
+    from safetensors.torch import save_file
+
+    det = _bin(tiny_paths.detector)
+    d = tmp_path / "cls"
+    d.mkdir()
+    save_file({k: v.contiguous() for k, v in det.items()}, str(d / "model-00002-of-00002.safetensors"))
+    (d / "model-00001-of-00002.safetensors").write_bytes(b"not even a safetensors file")
+    weight_map = {k: "model-00002-of-00002.safetensors" for k in det}
+    weight_map["model.embed_tokens.weight"] = "model-00001-of-00002.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model = load_legion(tiny_paths.checkpoint, tiny_paths.clip, d)
+    assert torch.equal(model.prediction_head[0].weight, det["prediction_head.0.weight"].float())
+
+
 def test_metadata_and_config_without_reading_weights(tiny_paths):
     infos = directory_metadata(tiny_paths.checkpoint)
     assert any(k.startswith("model.region_encoder.") for k in infos)
@@ -242,7 +258,7 @@ def test_missing_key(tiny_paths, tmp_path):
     key = "model.text_hidden_fcs.0.2.bias"
     _rewrite_shard(ckpt, SHARD2, lambda s: s.pop(key))
     _rewrite_index(ckpt, lambda m: m.pop(key))
-    with pytest.raises(CheckpointError, match=r"text_hidden_fcs\.0\.2\.bias.*missing"):
+    with pytest.raises(CheckpointError, match=r"'model\.text_hidden_fcs\.0\.2\.bias' is missing"):
         load_legion(ckpt, clip)
 
 
@@ -325,5 +341,5 @@ def test_clip_missing_a_needed_layer(tiny_paths, tmp_path):
     state = load_file(str(clip / "model.safetensors"))
     dropped = {k: v for k, v in state.items() if not k.startswith("vision_model.encoder.layers.1.")}
     save_file(dropped, str(clip / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"clip.*encoder\.layers\.1\..*missing"):
+    with pytest.raises(CheckpointError, match=r"clip.*'vision_model\.encoder\.layers\.1\..*' is missing"):
         load_legion(ckpt, clip)
