@@ -217,7 +217,9 @@ def _plant_language(model, cfg: LegionConfig, prompt_len: int, words: list[int])
         emb[tok] = 0.0
         emb[tok, slot] = SLOT
         emb[tok, flag] = 1.0
-    fan = (64 / h) ** 0.5  # the scales below are for hidden 64; keep per-dimension magnitudes for wider models
+    fan = (
+        64 / h
+    ) ** 0.5  # the scales below are for hidden 64; keep per-dimension magnitudes for wider models
     for layer in llm.model.layers:
         for lin, scale in (
             (layer.self_attn.q_proj, 0.3),
@@ -304,12 +306,7 @@ def _region_encoder_tensors(gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 def make_tiny(out_dir, *, seed: int = 0, size: str = "tiny") -> TinyPaths:
     """Write a random-weight LEGION (deterministic for a seed) into out_dir; see the module docstring."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     from legion_rt.errors import RequestError
-
-    from .model.legion import LegionModel
-    from .tokenizer import prompt_ids, write_tiny_tokenizer
 
     if size not in CONFIGS or size == "legion-7b":
         raise RequestError(f"make-tiny size must be 'tiny' or 'small', got {size!r}")
@@ -317,6 +314,20 @@ def make_tiny(out_dir, *, seed: int = 0, size: str = "tiny") -> TinyPaths:
     ckpt, clip_dir = out / "checkpoint", out / "clip"
     ckpt.mkdir(parents=True, exist_ok=True)
     clip_dir.mkdir(parents=True, exist_ok=True)
+
+    # Stale weights from an earlier run (another size, a converted copy) would shadow the new ones.
+    for stale in [*ckpt.glob("*.bin"), *ckpt.glob("*.safetensors"), *ckpt.glob("*.index.json"), *clip_dir.glob("*.bin"),
+                  *clip_dir.glob("*.safetensors"), *clip_dir.glob("*.index.json")]:  # fmt: skip
+        stale.unlink()
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left untouched
+        return _make_tiny(out, ckpt, clip_dir, seed, size)
+
+
+def _make_tiny(out: Path, ckpt: Path, clip_dir: Path, seed: int, size: str) -> TinyPaths:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from .model.legion import LegionModel
+    from .tokenizer import prompt_ids, write_tiny_tokenizer
 
     vocab = write_tiny_tokenizer(ckpt)
     cfg = CONFIGS[size].replace(vocab_size=vocab, name=size)
