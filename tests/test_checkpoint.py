@@ -138,6 +138,32 @@ def test_safetensors_layout_and_clip_bin_layout(tiny_paths, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_tensors_sharing_storage(tiny_paths, tmp_path):
+    """Keys that share one storage (tied weights, views at offsets) load correctly even though the loader
+    drops each source tensor's memory-mapped pages right after copying it (they are re-read from the file)."""
+    ckpt, clip, _ = _copy(tiny_paths, tmp_path)
+    s1, s2 = _bin(ckpt / SHARD1), _bin(ckpt / SHARD2)
+    embed = s1["model.embed_tokens.weight"]
+    s2.pop("lm_head.weight")
+    s1["lm_head.weight"] = embed  # tied: the same storage under two keys
+    both = torch.cat(
+        [s1["model.layers.0.input_layernorm.weight"], s1["model.layers.0.post_attention_layernorm.weight"]]
+    )
+    s1["model.layers.0.input_layernorm.weight"] = both[:64]  # views into one storage, second at an offset
+    s1["model.layers.0.post_attention_layernorm.weight"] = both[64:]
+    torch.save(s1, ckpt / SHARD1)
+    torch.save(s2, ckpt / SHARD2)
+    _rewrite_index(ckpt, lambda m: m.__setitem__("lm_head.weight", SHARD1))
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_legion(ckpt, clip, dtype=dtype)
+        assert torch.equal(model.llm.lm_head.weight, embed.to(dtype))
+        assert torch.equal(model.llm.model.embed_tokens.weight, embed.to(dtype))
+        layer = model.llm.model.layers[0]
+        assert torch.equal(layer.post_attention_layernorm.weight, both[64:].to(dtype))
+        assert torch.equal(layer.input_layernorm.weight, both[:64].to(dtype))
+        assert model.llm.lm_head.weight.data_ptr() != model.llm.model.embed_tokens.weight.data_ptr()
+
+
 def test_detector_inside_a_full_classifier_checkpoint(tiny_paths, tmp_path):
     det = _bin(tiny_paths.detector)
     full = {"base_model.model." + k: v for k, v in det.items()}
