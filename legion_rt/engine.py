@@ -362,21 +362,39 @@ class Engine:
         first_mask_at = [float("nan")]
         decode_s, steps = 0.0, 0
 
-        def mask_job(hidden: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int], int]:
-            embedding = sam_future.result()  # the SAM encoder usually finished long ago
-            s = clock()
-            low = self._backend.mask_head(hidden[None].astype(np.float32), embedding)  # [1, 256, 256]
-            masks, _union, bboxes, areas = self._ops.postprocess_masks(
-                np.ascontiguousarray(low, dtype=np.float32),
-                resized,
-                (H, W),
-                with_stats=True,
-                num_threads=self.threads,
-            )
-            with self._lock:
-                mask_time[0] += clock() - s
-            b = bboxes[0]
-            return masks[0], (int(b[0]), int(b[1]), int(b[2]), int(b[3])), int(areas[0])
+        # [SEG] hidden states waiting for the mask head. Each [SEG] submits a drain job; a drain takes every state
+        # pending at that moment and runs them as one batch (while the SAM embedding is not ready yet, several
+        # [SEG] pile up and then share one mask-head call). Results are delivered through per-[SEG] futures.
+        pending: list[tuple[np.ndarray, Future]] = []
+        pending_lock = threading.Lock()
+
+        def drain() -> None:
+            with pending_lock:
+                batch = list(pending)
+                pending.clear()
+            if not batch:
+                return
+            try:
+                embedding = sam_future.result()  # usually finished long ago
+                s = clock()
+                hidden = np.stack([h for h, _ in batch]).astype(np.float32)  # [N, H]
+                low = self._backend.mask_head(hidden, embedding)  # [N, 256, 256]
+                masks, _union, bboxes, areas = self._ops.postprocess_masks(
+                    np.ascontiguousarray(low, dtype=np.float32),
+                    resized,
+                    (H, W),
+                    with_stats=True,
+                    num_threads=self.threads,
+                )
+                with self._lock:
+                    mask_time[0] += clock() - s
+                for i, (_, fut) in enumerate(batch):
+                    b = bboxes[i]
+                    fut.set_result((masks[i], (int(b[0]), int(b[1]), int(b[2]), int(b[3])), int(areas[i])))
+            except BaseException as e:  # delivered to the request's thread by the futures
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
 
         seg_token_index: list[int] = []
         # Whether the answer so far ends inside an unclosed "<p>": a [SEG] there gets that phrase once "</p>"
@@ -435,7 +453,11 @@ class Engine:
             track_phrase(delta)
             if step.token_id == self.seg_id:
                 seg_token_index.append(len(generated) - 1)
-                mask_futures.append(self._mask_pool.submit(mask_job, step.hidden))
+                fut: Future = Future()
+                with pending_lock:
+                    pending.append((step.hidden, fut))
+                mask_futures.append(fut)
+                self._mask_pool.submit(drain)
             yield TokenEvent(step.token_id, delta)
             yield from ready_masks(final=False)
         timings["decode"] = decode_s
