@@ -363,8 +363,8 @@ class Engine:
         decode_s, steps = 0.0, 0
 
         # [SEG] hidden states waiting for the mask head. Each [SEG] submits a drain job; a drain takes every state
-        # pending at that moment and runs them as one batch (while the SAM embedding is not ready yet, several
-        # [SEG] pile up and then share one mask-head call). Results are delivered through per-[SEG] futures.
+        # pending at that moment (several pile up while the SAM embedding is not ready yet). Results are delivered
+        # through per-[SEG] futures.
         pending: list[tuple[np.ndarray, Future]] = []
         pending_lock = threading.Lock()
 
@@ -377,8 +377,12 @@ class Engine:
             try:
                 embedding = sam_future.result()  # usually finished long ago
                 s = clock()
-                hidden = np.stack([h for h, _ in batch]).astype(np.float32)  # [N, H]
-                low = self._backend.mask_head(hidden, embedding)  # [N, 256, 256]
+                # One mask-head call per [SEG] (N = 1), never a timing-dependent batch: ONNX Runtime's result for
+                # a row differs in the last bits between N = 1 and N > 1 (measured 1.5e-7), and a mask must not
+                # depend on how many [SEG] happened to be waiting. Upsampling is batched (rows independent).
+                low = np.concatenate(
+                    [self._backend.mask_head(h[None].astype(np.float32), embedding) for h, _ in batch]
+                )  # [N, 256, 256]
                 masks, _union, bboxes, areas = self._ops.postprocess_masks(
                     np.ascontiguousarray(low, dtype=np.float32),
                     resized,
