@@ -336,3 +336,17 @@ def test_unavailable_provider_is_an_error(tiny_artifacts):
     eng = Engine(tiny_artifacts, backend="auto", verify="size")  # auto reports what it picked
     assert eng.backend_name == "onnxruntime" and eng.providers[-1] == "CPUExecutionProvider"
     eng.close()
+
+
+def test_sam_start_does_not_change_results(engine, tiny_artifacts, tmp_path):
+    path = _pictures(tmp_path)["gray"]
+    base = engine.analyze(path, max_new_tokens=MAX_NEW)
+    for mode in ("early", "after_prefill"):
+        with Engine(tiny_artifacts, threads=1, verify="none", sam_start=mode) as eng:
+            assert eng.sam_start == mode
+            res = eng.analyze(path, max_new_tokens=MAX_NEW)
+        assert res.token_ids == base.token_ids and len(res.artifacts) == len(base.artifacts)
+        for a, b in zip(res.artifacts, base.artifacts, strict=True):
+            assert np.array_equal(a.mask, b.mask) and a.phrase == b.phrase
+    with pytest.raises(RequestError, match="sam_start"):
+        Engine(tiny_artifacts, verify="none", sam_start="later")
