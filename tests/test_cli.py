@@ -173,3 +173,62 @@ def test_analyze_writes_json_overlay_masks(tmp_path, tiny_artifacts):
     assert p.returncode == 2
     _one_error_line(p, "max_new_tokens")
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_eval_metrics_by_hand():
+    from legion_rt.evaluate import metrics
+
+    gt = np.zeros((4, 5), bool)
+    gt[1:3, 1:4] = True  # 6 px
+    pred = np.zeros((4, 5), bool)
+    pred[1:3, 2:5] = True  # 6 px, 4 overlap
+    m = metrics(pred, gt)
+    assert abs(m["iou_fg"] - 4 / 8) < 1e-6 and abs(m["iou_bg"] - 12 / 16) < 1e-6
+    assert abs(m["miou"] - (0.5 + 0.75) / 2) < 1e-6
+    assert abs(m["f1"] - 2 * 4 / (2 * 4 + 2 + 2)) < 1e-12
+    empty = np.zeros((4, 5), bool)
+    assert metrics(empty, empty)["f1"] == 1.0
+    assert metrics(pred, empty)["f1"] == 0.0
+
+
+@pytest.mark.slow
+def test_eval_command(tmp_path, tiny_artifacts):
+    cv2 = pytest.importorskip("cv2", reason="eval rasterizes polygons with OpenCV")
+    ds = tmp_path / "ds"
+    (ds / "test" / "images").mkdir(parents=True)
+    (ds / "test" / "annoations").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    entries = []
+    for i, (h, w) in enumerate([(40, 60), (53, 41)]):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(
+            ds / "test" / "images" / f"im{i}.png"
+        )
+        poly = [3.7, 2.2, w - 5.5, 4.9, w / 2, h - 3.1]
+        entries.append({str(i): {"caption": "", "img_file_name": f"x/im{i}.png",
+                                 "refs": [{"sentence": "", "explanation": "", "bbox": None, "segmentation": [poly]}]}})  # fmt: skip
+    (ds / "test" / "annoations" / "object.json").write_text(json.dumps(entries))
+    p = _cli("eval", "--artifacts", tiny_artifacts, "--dataset", ds, "--max-new-tokens", "16",
+             "--json", tmp_path / "ev.json", "--threads", "1")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rep = json.loads((tmp_path / "ev.json").read_text())
+    assert rep["overall"]["images"] == 2 and set(rep["per_type"]) == {"all"}
+    # independent recomputation: the engine's union mask vs cv2.fillPoly of the int-truncated polygon
+    from legion_rt.engine import Engine
+
+    eng = Engine(tiny_artifacts, threads=1)
+    vals = []
+    for i, e in enumerate(entries):
+        seg = e[str(i)]["refs"][0]["segmentation"][0]
+        res = eng.analyze(ds / "test" / "images" / f"im{i}.png", max_new_tokens=16)
+        gt = np.zeros(res.mask.shape, np.uint8)
+        cv2.fillPoly(gt, [np.asarray(seg, np.float32).reshape(-1, 2).astype(np.int32)], 1)
+        gt = gt.astype(bool)
+        tp = (res.mask & gt).sum()
+        fp = (res.mask & ~gt).sum()
+        fn = (~res.mask & gt).sum()
+        tn = gt.size - tp - fp - fn
+        vals.append((tp / (tp + fp + fn + 1e-6) + tn / (tn + fp + fn + 1e-6)) / 2)
+    assert abs(rep["overall"]["miou"] - float(np.mean(vals))) < 1e-12
+    p = _cli("eval", "--artifacts", tiny_artifacts, "--dataset", tmp_path / "nothing")
+    assert p.returncode == 1
+    _one_error_line(p, "nothing")
