@@ -102,10 +102,12 @@ class OnnxRuntimeBackend:
         threads: int | None = None,
         providers=None,
         auto: bool = False,
+        graphs: tuple[str, ...] = ("vision", "sam_encoder", "mask_head", "llm"),
     ):
         ort = _import_ort()
         self._ort = ort
         self.threads = threads
+        self._graphs = tuple(graphs)
         if providers is None:
             available = ort.get_available_providers()
             wanted = ["CUDAExecutionProvider"] if (auto and "CUDAExecutionProvider" in available) else []
@@ -123,13 +125,16 @@ class OnnxRuntimeBackend:
             wanted = ["CPUExecutionProvider"]
             self._sessions = self._open_all(art, wanted, strict=True)
         self.providers = list(self._sessions["llm"].get_providers())
-        vis = self._sessions["vision"]
-        self._vision_in = vis.get_inputs()[0].name
-        outs = [o.name for o in vis.get_outputs()]
-        self._vision_out = ["image_embeds"] + (["cls_logits"] if "cls_logits" in outs else [])
-        self._sam_in = self._sessions["sam_encoder"].get_inputs()[0].name
-        self._sam_out = self._sessions["sam_encoder"].get_outputs()[0].name
-        self._mask_out = self._sessions["mask_head"].get_outputs()[0].name
+        if "vision" in self._sessions:
+            vis = self._sessions["vision"]
+            self._vision_in = vis.get_inputs()[0].name
+            outs = [o.name for o in vis.get_outputs()]
+            self._vision_out = ["image_embeds"] + (["cls_logits"] if "cls_logits" in outs else [])
+        if "sam_encoder" in self._sessions:
+            self._sam_in = self._sessions["sam_encoder"].get_inputs()[0].name
+            self._sam_out = self._sessions["sam_encoder"].get_outputs()[0].name
+        if "mask_head" in self._sessions:
+            self._mask_out = self._sessions["mask_head"].get_outputs()[0].name
 
         from .ort_llm import OrtLLM
 
@@ -142,7 +147,7 @@ class OnnxRuntimeBackend:
 
     def _open_all(self, art: Artifacts, wanted: list[str], *, strict: bool) -> dict:
         sessions = {}
-        for graph in ("vision", "sam_encoder", "mask_head", "llm"):
+        for graph in self._graphs:
             path = art.graph_path(graph)
             try:
                 sess = self._ort.InferenceSession(

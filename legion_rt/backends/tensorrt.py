@@ -228,7 +228,7 @@ class TensorRTBackend:
         from .onnxruntime import OnnxRuntimeBackend
 
         # Only the LLM session is used from this one; it must really run on CUDA (strict provider check).
-        self._ort = OnnxRuntimeBackend(art, threads=threads, providers=["cuda"])
+        self._ort = OnnxRuntimeBackend(art, threads=threads, providers=["cuda"], graphs=("llm",))
         self.llm = self._ort.llm
         self.providers = ["TensorRT " + trt.__version__, *self._ort.providers]
         self._has_cls = "cls_logits" in self._graphs["vision"].names
