@@ -148,6 +148,8 @@ def _summary(name: str, result) -> str:
         else f"{result.verdict} (P(fake) = {result.fake_probability:.4f})"
     )
     t = result.timings
+    if result.skipped:
+        return f"{name}: {v}; explanation skipped (detect-first gate: P(real) at or over --skip-if-real)"
     return (
         f"{name}: {v}; {len(result.token_ids)} tokens, {len(result.artifacts)} masks; "
         f"total {t['total']:.2f} s (first token {t.get('time_to_first_token', float('nan')):.3f} s)"
