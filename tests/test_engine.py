@@ -350,3 +350,12 @@ def test_sam_start_does_not_change_results(engine, tiny_artifacts, tmp_path):
             assert np.array_equal(a.mask, b.mask) and a.phrase == b.phrase
     with pytest.raises(RequestError, match="sam_start"):
         Engine(tiny_artifacts, verify="none", sam_start="later")
+
+
+def test_matches_reference_without_kv_cache(engine, reference, tmp_path):
+    # The original's own decoding (whole sequence + CLIP every step, [SEG] states from the last full pass).
+    path = _pictures(tmp_path)["odd"]
+    ref = reference.run(path, max_new_tokens=MAX_NEW, use_kv_cache=False)
+    res = engine.analyze(path, max_new_tokens=MAX_NEW)
+    _compare(res, ref, "odd/no-cache")
+    assert len(res.artifacts) > 0
