@@ -15,7 +15,9 @@ def _torch_or_skip():
     try:
         import torch  # noqa: F401
     except ImportError:  # pragma: no cover - the CI installs the export extra
-        pytest.skip("torch is not installed: export-stage tests need the 'export' extra (pip install .[export])")
+        pytest.skip(
+            "torch is not installed: export-stage tests need the 'export' extra (pip install .[export])"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +37,10 @@ def tiny_artifacts(tmp_path_factory, tiny_paths):
 
     out = tmp_path_factory.mktemp("tiny-art") / "art"
     export_artifacts(
-        checkpoint=tiny_paths.checkpoint, clip=tiny_paths.clip, detector=tiny_paths.detector, out=out, progress=False
+        checkpoint=tiny_paths.checkpoint,
+        clip=tiny_paths.clip,
+        detector=tiny_paths.detector,
+        out=out,
+        progress=False,
     )
     return out
