@@ -232,3 +232,16 @@ def test_eval_command(tmp_path, tiny_artifacts):
     p = _cli("eval", "--artifacts", tiny_artifacts, "--dataset", tmp_path / "nothing")
     assert p.returncode == 1
     _one_error_line(p, "nothing")
+
+
+def test_build_engines_without_tensorrt(tiny_artifacts):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here: the error path is not reachable")
+    p = _cli("build-engines", tiny_artifacts, "--verify", "size")
+    assert p.returncode == 1
+    _one_error_line(p, "TensorRT is not installed")
+    p = _cli("analyze", DEMO, "--artifacts", tiny_artifacts, "--backend", "tensorrt", "--verify", "size")
+    assert p.returncode == 1
+    _one_error_line(p, "TensorRT is not installed")
