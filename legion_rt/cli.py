@@ -120,10 +120,15 @@ def _stream_one(engine, image, rgb, opts: dict[str, Any], *, quiet: bool, show_t
 
     result = None
     mid_line = False  # the streamed text has no newline yet
+    printed = False
     for ev in engine.stream(rgb, **opts):
         if isinstance(ev, TokenEvent):
-            if show_text and ev.text:
-                sys.stdout.write(ev.text)
+            text = (
+                ev.text if printed else ev.text.lstrip()
+            )  # the answer's first piece carries a leading space
+            if show_text and text:
+                printed = True
+                sys.stdout.write(text)
                 sys.stdout.flush()
                 mid_line = True
         elif isinstance(ev, MaskEvent):
