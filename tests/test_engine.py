@@ -359,3 +359,23 @@ def test_matches_reference_without_kv_cache(engine, reference, tmp_path):
     res = engine.analyze(path, max_new_tokens=MAX_NEW)
     _compare(res, ref, "odd/no-cache")
     assert len(res.artifacts) > 0
+
+
+def test_without_detector(tiny_paths, tmp_path_factory, tmp_path):
+    """Artifacts exported without a detector: verdict and probability are None, gating is refused."""
+    from export.onnx_export import export_artifacts
+
+    art = export_artifacts(
+        checkpoint=tiny_paths.checkpoint,
+        clip=tiny_paths.clip,
+        detector=None,
+        out=tmp_path_factory.mktemp("tiny-nodet") / "art",
+        progress=False,
+    )
+    with Engine(art, threads=1) as eng:
+        assert not eng.has_detector
+        res = eng.analyze(_pictures(tmp_path)["odd"], max_new_tokens=12)
+        assert res.verdict is None and res.fake_probability is None and res.label is None
+        assert len(res.token_ids) >= 1
+        with pytest.raises(RequestError, match="no detector"):
+            eng.analyze(_pictures(tmp_path)["odd"], skip_if_real=0.5)
