@@ -6,7 +6,8 @@ see one). Every output file is written atomically (temporary file + rename).
 
 The export-stage commands (``export``, ``make-tiny``, and the first run of ``demo``) need the export extra
 (torch, transformers, onnx); they import the export package lazily: ``legion_rt.export`` from a wheel, else the
-top-level ``export`` of a source checkout.
+top-level ``export`` of a source checkout. ``eval`` (legion_rt/evaluate.py) needs OpenCV for LEGION's polygon
+rasterization; ``serve`` (legion_rt/serve.py) uses the standard library only.
 """
 
 from __future__ import annotations
