@@ -213,7 +213,8 @@ def run_analyze(
     return results
 
 
-def _engine_from_args(args):
+def engine_from_args(args):
+    """The Engine that the --artifacts/--backend/--providers/--threads/--verify options ask for."""
     from .engine import Engine
 
     providers = args.providers.split(",") if getattr(args, "providers", None) else None
@@ -238,7 +239,7 @@ def _request_opts(args) -> dict[str, Any]:
 
 def cmd_analyze(args) -> int:
     rgbs = decode_all(args.images)
-    engine = _engine_from_args(args)
+    engine = engine_from_args(args)
     if not args.quiet:
         _info(f"backend: {engine.backend_name} ({', '.join(engine.providers)})")
     run_analyze(

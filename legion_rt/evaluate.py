@@ -147,19 +147,13 @@ def main(args) -> int:
     """``legion-rt eval --artifacts ART --dataset DIR [--split test] [--limit N] [--json FILE]``."""
     import sys
 
-    from .engine import Engine
+    from .cli import engine_from_args
     from .overlay import atomic_write_json
 
     samples = load_dataset(args.dataset, args.split)
     if args.limit:
         samples = samples[: args.limit]
-    engine = Engine(
-        args.artifacts,
-        backend=args.backend,
-        threads=args.threads,
-        providers=args.providers.split(",") if args.providers else None,
-        verify=args.verify,
-    )
+    engine = engine_from_args(args)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -177,15 +177,9 @@ def make_server(engine, host: str = "127.0.0.1", port: int = 8000, **kw) -> Thre
 
 def main(args) -> int:
     """``legion-rt serve --artifacts ART [--host 127.0.0.1] [--port 8000]``."""
-    from .engine import Engine
+    from .cli import engine_from_args
 
-    engine = Engine(
-        args.artifacts,
-        backend=args.backend,
-        threads=args.threads,
-        providers=args.providers.split(",") if args.providers else None,
-        verify=args.verify,
-    )
+    engine = engine_from_args(args)
     try:
         server = make_server(engine, args.host, args.port)
     except OSError as e:

@@ -20,20 +20,12 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+# The prompt strings live in one place: export/tokenizer.py (run from a checkout).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from export.tokenizer import INSTRUCTION, SYSTEM  # noqa: E402
+
 VOCAB_SIZE = 1000
 SEED = 20240501
-
-SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-    "detailed, and polite answers to the human's questions."
-)
-INSTRUCTION = (
-    "Please provide a detailed analysis of artifacts in this photo, considering physical artifacts (e.g., optical "
-    "display issues, violations of physical laws, and spatial/perspective errors), structural artifacts (e.g., "
-    "deformed objects, asymmetry, or distorted text), and distortion artifacts (e.g., color/texture distortion, "
-    "noise/blur, artistic style errors, and material misrepresentation). Output with interleaved segmentation masks "
-    "for the corresponding parts of the answer."
-)
 
 SUBJECTS = [
     "the left hand",
