@@ -158,7 +158,7 @@ def _bf16(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).bfloat16().float().item()
 
 
-def _cycle_words(tokenizer_dir: Path, prompt: set[int], seed: int) -> list[int]:
+def _cycle_words(tokenizer_dir: Path, prompt: set[int], seed: int, count: int = CYCLE_WORDS) -> list[int]:
     """Word pieces ('▁' + letters) that never occur in the prompt, picked by seed."""
     import sentencepiece as spm
 
@@ -173,7 +173,7 @@ def _cycle_words(tokenizer_dir: Path, prompt: set[int], seed: int) -> list[int]:
         and not sp.is_control(i)
         and not sp.is_byte(i)
     ]
-    return random.Random(seed).sample(words, CYCLE_WORDS)
+    return random.Random(seed).sample(words, count)
 
 
 @torch.no_grad()
@@ -281,6 +281,126 @@ def _plant_language(model, cfg: LegionConfig, prompt_len: int, words: list[int])
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The free language (steer="free"): greedy text that depends on the picture
+
+FREE_WORDS = 24  # word tokens the free model can generate, besides <p>, </p>, [SEG] and EOS
+FREE_LOGIT_STD = 32.0  # std of a generable token's logit (top-2 gaps ~ this / 3: far above fp32 ONNX error)
+# Extra logits of <p>, </p>, [SEG] (in logit stds): a phrase and a mask every few tokens.
+FREE_SPECIAL_BIAS = {"p_start": 1.0, "p_end": 0.9, "seg": 0.6}
+FREE_EOS_AT = 40  # EOS gets as likely as an average generable token at about this generated token
+FREE_IMAGE_GAIN = 4.0  # scale of the projector output: image embeddings weigh more than prompt tokens
+
+
+@torch.no_grad()
+def _free_language(model, cfg: LegionConfig, prompt_len: int, words: list[int], seed: int) -> dict:
+    """A random LLM, unsteered, whose greedy text depends on the image, with large logit margins.
+
+    Residual dimensions 0..5 are planted: BIAS (1 for every token), F (1 for a generable token), C (counter: share
+    of generable tokens in the context, as in the loop model), after-</p>, after-<p> and after-[SEG] slots; nothing writes them
+    (o_proj / down_proj / projector rows are zero), so they reach the final norm exactly as embedded.
+    - lm_head: only the generable tokens (FREE_WORDS words that never occur in the prompt, <p>, </p>, [SEG]) have
+      random rows (std FREE_LOGIT_STD per logit); every other token reads BIAS with a large negative gain, so the
+      argmax is always among the generable tokens + EOS (few candidates: wide gaps between the top two);
+    - <p>, </p>, [SEG] get a positive bias (BIAS column); </p> is always followed by [SEG], <p> by a word and
+      [SEG] by neither [SEG] nor </p> (slot columns), so answers read "... <p> w w </p> [SEG] ...";
+    - EOS reads C: its logit grows with the share of generated tokens and passes the generable tokens' around
+      FREE_EOS_AT generated tokens, at a point that depends on the picture;
+    - the projector output is scaled by FREE_IMAGE_GAIN and the layers are random, so the image embeddings move the
+      hidden states by a lot: different pictures give different token sequences.
+    """
+    ids = cfg.token_ids
+    bias_d, flag, counter, after_close, after_open, after_seg = 0, 1, 2, 3, 4, 5
+    planted = [bias_d, flag, counter, after_close, after_open, after_seg]
+    specials = [ids["p_start"], ids["p_end"], ids["seg"]]
+    generable = [*words, *specials]
+    h = cfg.hidden_size
+    llm = model.llm
+    gen = torch.Generator().manual_seed(1_000_003 * (seed + 1))
+    fan = (64 / h) ** 0.5  # the scales below are for hidden 64; keep per-dimension magnitudes for wider models
+
+    emb = llm.model.embed_tokens.weight  # [V, H]
+    emb.copy_(torch.randn(emb.shape, generator=gen))
+    emb[:, planted] = 0.0
+    emb[:, bias_d] = 1.0
+    emb[generable, flag] = 1.0
+    emb[ids["p_end"], after_close] = SLOT
+    emb[ids["p_start"], after_open] = SLOT
+    emb[ids["seg"], after_seg] = SLOT
+    for layer in llm.model.layers:
+        for lin, scale in (
+            (layer.self_attn.q_proj, 0.3),
+            (layer.self_attn.k_proj, 0.3),
+            (layer.self_attn.v_proj, 0.3),
+            (layer.self_attn.o_proj, 0.3),
+            (layer.mlp.gate_proj, 0.15),
+            (layer.mlp.up_proj, 0.15),
+            (layer.mlp.down_proj, 0.15),
+        ):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * (scale * fan))
+        layer.self_attn.o_proj.weight[planted, :] = 0.0
+        layer.mlp.down_proj.weight[planted, :] = 0.0
+    proj_out = model.mm_projector[2]
+    proj_out.weight.mul_(FREE_IMAGE_GAIN)
+    proj_out.bias.mul_(FREE_IMAGE_GAIN)
+    proj_out.weight[planted, :] = 0.0
+    proj_out.bias[planted] = 0.0
+
+    # Counter head (layer 0, head 0): uniform causal attention reading F, written on C.
+    hd = cfg.head_dim
+    attn0 = llm.model.layers[0].self_attn
+    attn0.q_proj.weight[:hd] = 0.0
+    attn0.k_proj.weight[:hd] = 0.0
+    attn0.v_proj.weight[:hd] = 0.0
+    attn0.v_proj.weight[0, flag] = 1.0
+    attn0.o_proj.weight[:, :hd] = 0.0
+    attn0.o_proj.weight[counter, 0] = 1.0  # C ~ share(n) * F / rms(x) (the input norm): a few 1e-2 at EOS time
+
+    lm = llm.lm_head.weight  # [V, H]
+    lm.zero_()
+    rand_dims = [d for d in range(h) if d not in planted]
+    # A generable token's logit = row . h / rms(h); h has rms ~1 per dimension after the final norm.
+    row_std = FREE_LOGIT_STD / len(rand_dims) ** 0.5
+    lm[generable] = 0.0
+    lm[torch.tensor(generable)[:, None], torch.tensor(rand_dims)[None]] = (
+        torch.randn(len(generable), len(rand_dims), generator=gen) * row_std
+    )
+    others = [t for t in range(cfg.vocab_size) if t not in generable and t != cfg.eos_token_id]
+    # BIAS / rms(h) is ~0.1 after the norm (the random dims dominate the rms): -1e4 puts these tokens far below.
+    lm[others, bias_d] = -1e4
+    # Bias of the specials, in units of logit std, through BIAS (scaled by 1/rms like every logit).
+    bias_scale = 1.0 / _bias_after_norm(model, cfg)
+    for name, b in FREE_SPECIAL_BIAS.items():
+        lm[ids[name], bias_d] = b * FREE_LOGIT_STD * bias_scale
+    lm[ids["seg"], after_close] = 1e3  # </p> -> [SEG]
+    lm[ids["p_end"], after_open] = -1e3  # <p> -> a word
+    lm[ids["seg"], after_open] = -1e3
+    lm[ids["p_start"], after_open] = -1e3
+    lm[ids["p_start"], after_close] = -1e3
+    lm[ids["seg"], after_seg] = -1e3  # [SEG] -> not [SEG] or </p> again
+    lm[ids["p_end"], after_seg] = -1e3
+    # EOS: about the best generable logit (~1.5 std) when C reaches its value at FREE_EOS_AT.
+    c_at = _counter_after_norm(model, cfg, prompt_len, FREE_EOS_AT)
+    lm[cfg.eos_token_id, counter] = 1.5 * FREE_LOGIT_STD / c_at
+    return {
+        "words": words,
+        "generable": generable,
+        "eos_at": None,
+        "logit_std": FREE_LOGIT_STD,
+    }
+
+
+def _bias_after_norm(model, cfg: LegionConfig) -> float:
+    """Typical value of the BIAS dimension after the final norm (1 / rms of the last hidden state)."""
+    return 1.0 / (cfg.hidden_size**0.5)
+
+
+def _counter_after_norm(model, cfg: LegionConfig, prompt_len: int, n: int) -> float:
+    """Typical value of C after the final norm once n generable tokens were fed."""
+    share = n / (prompt_len + n)
+    return share / (cfg.hidden_size**0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def _randomize_sam(model, gen: torch.Generator) -> None:
@@ -304,12 +424,20 @@ def _region_encoder_tensors(gen: torch.Generator) -> dict[str, torch.Tensor]:
     }
 
 
-def make_tiny(out_dir, *, seed: int = 0, size: str = "tiny") -> TinyPaths:
-    """Write a random-weight LEGION (deterministic for a seed) into out_dir; see the module docstring."""
+STEERS = ("loop", "free")
+
+
+def make_tiny(out_dir, *, seed: int = 0, size: str = "tiny", steer: str = "loop") -> TinyPaths:
+    """Write a random-weight LEGION (deterministic for a seed) into out_dir; see the module docstring.
+
+    ``steer``: "loop" (default) plants a fixed token cycle (the same text for every picture, EOS at ``EOS_AT``);
+    "free" makes a random LLM whose greedy text depends on the picture (``_free_language``)."""
     from legion_rt.errors import RequestError
 
     if size not in CONFIGS or size == "legion-7b":
         raise RequestError(f"make-tiny size must be 'tiny' or 'small', got {size!r}")
+    if steer not in STEERS:
+        raise RequestError(f"make-tiny steer must be 'loop' or 'free', got {steer!r}")
     out = Path(out_dir)
     ckpt, clip_dir = out / "checkpoint", out / "clip"
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -320,10 +448,10 @@ def make_tiny(out_dir, *, seed: int = 0, size: str = "tiny") -> TinyPaths:
                   *clip_dir.glob("*.safetensors"), *clip_dir.glob("*.index.json")]:  # fmt: skip
         stale.unlink()
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG state is left untouched
-        return _make_tiny(out, ckpt, clip_dir, seed, size)
+        return _make_tiny(out, ckpt, clip_dir, seed, size, steer)
 
 
-def _make_tiny(out: Path, ckpt: Path, clip_dir: Path, seed: int, size: str) -> TinyPaths:
+def _make_tiny(out: Path, ckpt: Path, clip_dir: Path, seed: int, size: str, steer: str) -> TinyPaths:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from .model.legion import LegionModel
@@ -338,7 +466,11 @@ def _make_tiny(out: Path, ckpt: Path, clip_dir: Path, seed: int, size: str) -> T
     gen = torch.Generator().manual_seed(seed)
     model = LegionModel(cfg, with_detector=True)
     _randomize_sam(model, gen)
-    plan = _plant_language(model, cfg, prompt_len, _cycle_words(ckpt, set(prefix + suffix), seed))
+    if steer == "loop":
+        plan = _plant_language(model, cfg, prompt_len, _cycle_words(ckpt, set(prefix + suffix), seed))
+    else:
+        words = _cycle_words(ckpt, set(prefix + suffix), seed, FREE_WORDS)
+        plan = _free_language(model, cfg, prompt_len, words, seed)
 
     # --- checkpoint: two bf16 shards + index ---
     state = {}
@@ -418,5 +550,5 @@ def _make_tiny(out: Path, ckpt: Path, clip_dir: Path, seed: int, size: str) -> T
         for k, v in model.prediction_head.state_dict().items()
     }
     torch.save(det, detector)
-    (out / "tiny_info.json").write_text(json.dumps({"seed": seed, "size": size, **plan}, indent=2) + "\n")
+    (out / "tiny_info.json").write_text(json.dumps({"seed": seed, "size": size, "steer": steer, **plan}, indent=2) + "\n")
     return TinyPaths(checkpoint=ckpt, clip=clip_dir, detector=detector)
