@@ -141,3 +141,48 @@ def test_planted_language_exercises_every_path(tiny_paths):
 def test_planted_language_small(tmp_path):
     # measured 5.8 (EOS crossing; logits ~1100)
     assert _check_language(make_tiny(tmp_path, seed=0, size="small")) > 3.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# steer="free": a random LLM whose greedy text depends on the picture (tests/test_acceptance.py runs it end to end)
+
+
+def test_steer_is_checked(tmp_path):
+    from legion_rt.errors import RequestError
+
+    with pytest.raises(RequestError, match="steer"):
+        make_tiny(tmp_path, steer="wander")
+
+
+def test_free_language_depends_on_the_image(tmp_path):
+    """Different pictures -> different greedy texts, with phrases, masks, a reachable EOS and wide margins."""
+    from export.tokenizer import prompt_ids
+
+    torch.set_num_threads(2)
+    paths = make_tiny(tmp_path, seed=11, steer="free")
+    info = json.loads((tmp_path / "tiny_info.json").read_text())
+    assert info["steer"] == "free" and info["eos_at"] is None
+    model = load_legion(paths.checkpoint, paths.clip, paths.detector)
+    ids = model.cfg.token_ids
+    prefix, suffix = prompt_ids(paths.checkpoint)
+    runs = [_greedy(model, prefix, suffix, image_seed, max_new=80) for image_seed in range(4)]
+    sequences = [tuple(tokens) for tokens, _ in runs]
+    assert len(set(sequences)) == len(sequences), "two pictures gave the same text: the image path is not tested"
+    margins = [m for _, ms in runs for m in ms]
+    small = sum(m < 1e-2 for m in margins)
+    for tokens, _ in runs:
+        assert tokens[0] != ids["eos"]
+        allowed = set(info["generable"]) | {ids["eos"]}
+        assert set(tokens) <= allowed, "a token outside the generable set won the argmax"
+    eos_runs = [len(t) for t, _ in runs if t[-1] == ids["eos"]]
+    seg_runs = sum(ids["seg"] in t for t, _ in runs)
+    phrase_runs = sum(ids["p_start"] in t and ids["p_end"] in t for t, _ in runs)
+    print(
+        f"free seed 11: lengths {[len(t) for t, _ in runs]}, EOS at {eos_runs}, smallest top-2 margin "
+        f"{min(margins):.4f}, median {sorted(margins)[len(margins) // 2]:.2f}, {small}/{len(margins)} steps < 1e-2"
+    )
+    # measured: lengths [37, 37, 29, 55] (all end with EOS), smallest margin 0.036, median 22.0, 0/158 < 1e-2
+    assert len(eos_runs) >= 2 and min(eos_runs) >= 10, "EOS must be reachable but not immediate"
+    assert seg_runs >= 3 and phrase_runs >= 3
+    assert small <= len(margins) // 100, "more than 1% of the greedy steps are near-ties"
+    assert min(margins) > 1e-3
