@@ -160,6 +160,12 @@ void check_geometry(int h, int w, const lrt::PreprocessParams& p, lrt::Preproces
                 " is too extreme: the CLIP resize would be " + std::to_string(static_cast<int64_t>(long_after)) +
                 " pixels long");
   *g = lrt::preprocess_geometry(h, w, p);
+  // SAM's ResizeLongestSide rounds the short side to int(short * size / long + 0.5): 0 for pictures more than
+  // 2 * size times longer than wide. The reference fails there too (PIL: "height and width must be > 0").
+  if (g->sam_h <= 0 || g->sam_w <= 0)
+    value_error("rgb aspect ratio " + std::to_string(h) + "x" + std::to_string(w) +
+                " is too extreme: SAM's longest-side resize to " + std::to_string(p.sam_size) + " gives " +
+                std::to_string(g->sam_h) + "x" + std::to_string(g->sam_w) + " pixels");
 }
 
 py::tuple preprocess(const py::handle& rgb_obj, int clip_size, const py::handle& clip_crop, const py::handle& clip_mean,

@@ -39,6 +39,21 @@ def test_preprocess_extreme_aspect_is_refused():
         ops.preprocess(rgb)
 
 
+@pytest.mark.parametrize("hw", [(1, 2049), (1, 3000), (2100, 1), (3, 7000)])
+def test_preprocess_zero_sized_sam_resize_is_an_image_error(hw):
+    # int(1 * 1024 / 2049 + 0.5) == 0: SAM's resize would be empty (this used to crash the process with SIGSEGV).
+    rgb = np.zeros((*hw, 3), np.uint8)
+    with pytest.raises(ImageError, match=r"rgb aspect ratio .* too extreme: SAM"):
+        ops.preprocess(rgb)
+
+
+def test_preprocess_thinnest_accepted_picture():
+    # 1x2048 is the thinnest picture whose SAM resize is not empty: int(1 * 0.5 + 0.5) == 1.
+    for hw, want in (((1, 2048), (1, 1024)), ((2048, 1), (1024, 1))):
+        _, _, size = ops.preprocess(np.full((*hw, 3), 7, np.uint8))
+        assert size == want
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
