@@ -316,7 +316,9 @@ def _free_language(model, cfg: LegionConfig, prompt_len: int, words: list[int], 
     h = cfg.hidden_size
     llm = model.llm
     gen = torch.Generator().manual_seed(1_000_003 * (seed + 1))
-    fan = (64 / h) ** 0.5  # the scales below are for hidden 64; keep per-dimension magnitudes for wider models
+    fan = (
+        64 / h
+    ) ** 0.5  # the scales below are for hidden 64; keep per-dimension magnitudes for wider models
 
     emb = llm.model.embed_tokens.weight  # [V, H]
     emb.copy_(torch.randn(emb.shape, generator=gen))
@@ -353,7 +355,9 @@ def _free_language(model, cfg: LegionConfig, prompt_len: int, words: list[int], 
     attn0.v_proj.weight[:hd] = 0.0
     attn0.v_proj.weight[0, flag] = 1.0
     attn0.o_proj.weight[:, :hd] = 0.0
-    attn0.o_proj.weight[counter, 0] = 1.0  # C ~ share(n) * F / rms(x) (the input norm): a few 1e-2 at EOS time
+    attn0.o_proj.weight[counter, 0] = (
+        1.0  # C ~ share(n) * F / rms(x) (the input norm): a few 1e-2 at EOS time
+    )
 
     lm = llm.lm_head.weight  # [V, H]
     lm.zero_()
@@ -550,5 +554,7 @@ def _make_tiny(out: Path, ckpt: Path, clip_dir: Path, seed: int, size: str, stee
         for k, v in model.prediction_head.state_dict().items()
     }
     torch.save(det, detector)
-    (out / "tiny_info.json").write_text(json.dumps({"seed": seed, "size": size, "steer": steer, **plan}, indent=2) + "\n")
+    (out / "tiny_info.json").write_text(
+        json.dumps({"seed": seed, "size": size, "steer": steer, **plan}, indent=2) + "\n"
+    )
     return TinyPaths(checkpoint=ckpt, clip=clip_dir, detector=detector)

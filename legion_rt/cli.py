@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, LegionError, RequestError
+from .errors import ArtifactError, ImageError, LegionError, RequestError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -122,7 +122,11 @@ def _stream_one(engine, image, rgb, opts: dict[str, Any], *, quiet: bool, show_t
     result = None
     mid_line = False  # the streamed text has no newline yet
     printed = False
-    for ev in engine.stream(rgb, **opts):
+    try:
+        events = engine.stream(rgb, **opts)  # checks the picture's geometry before any work
+    except ImageError as e:  # it names the array it was given: name the file instead
+        raise ImageError(f"{image}: {str(e).split(': ', 1)[-1]}") from None
+    for ev in events:
         if isinstance(ev, TokenEvent):
             text = (
                 ev.text if printed else ev.text.lstrip()

@@ -41,8 +41,8 @@ import numpy as np
 
 from .artifacts import Artifacts, load_artifacts
 from .decode import DecodeOptions, generate
-from .errors import ArtifactError, RequestError
-from .image import DEFAULT_MAX_PIXELS, load_image
+from .errors import ArtifactError, ImageError, RequestError
+from .image import DEFAULT_MAX_PIXELS, describe, load_image
 from .text import Detokenizer, pair_phrases, postprocess_text
 
 # ------------------------------------------------------------------------------------------------ results
@@ -273,6 +273,13 @@ class Engine:
         clock = time.perf_counter
         t0 = clock()
         rgb = load_image(image, max_pixels=self.max_pixels)
+        # SAM's ResizeLongestSide rounds the short side to 0 pixels past ~2048:1; the reference fails there too.
+        h, w, sam = int(rgb.shape[0]), int(rgb.shape[1]), int(self._pre_kwargs["sam_size"])
+        scale = sam * 1.0 / max(h, w)  # segment-anything's get_preprocess_shape, float64 as in the reference
+        if int(h * scale + 0.5) < 1 or int(w * scale + 0.5) < 1:
+            raise ImageError(
+                f"{describe(image)}: {w}x{h} is too elongated (its short side scales to 0 of {sam} px)"
+            )
         return self._run(rgb, opts, skip_if_real, t0)
 
     def close(self) -> None:

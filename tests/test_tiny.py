@@ -167,7 +167,9 @@ def test_free_language_depends_on_the_image(tmp_path):
     prefix, suffix = prompt_ids(paths.checkpoint)
     runs = [_greedy(model, prefix, suffix, image_seed, max_new=80) for image_seed in range(4)]
     sequences = [tuple(tokens) for tokens, _ in runs]
-    assert len(set(sequences)) == len(sequences), "two pictures gave the same text: the image path is not tested"
+    assert len(set(sequences)) == len(sequences), (
+        "two pictures gave the same text: the image path is not tested"
+    )
     margins = [m for _, ms in runs for m in ms]
     small = sum(m < 1e-2 for m in margins)
     for tokens, _ in runs:
