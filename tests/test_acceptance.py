@@ -367,3 +367,13 @@ def test_too_elongated_pictures_are_clean_errors(models, tmp_path):
         assert cli.returncode == 1, f"{h}x{w}: legion-rt analyze exit {cli.returncode}: {cli.stderr[-500:]}"
         errors = [line for line in cli.stderr.splitlines() if line.startswith("legion-rt: error:")]
         assert len(errors) == 1 and p.name in errors[0] and "Traceback" not in cli.stderr, cli.stderr
+
+
+def test_long_generation_past_eos(models, pictures):
+    """300 tokens (ignore_eos on both sides): the KV cache far past the prompt, many phrases and masks."""
+    eng, ref, _ = models["free11"]
+    image = pictures["photo_coffee"]
+    ref_out = ref.run(image, max_new_tokens=300, use_kv_cache=True, ignore_eos=True)
+    res = eng.analyze(image, max_new_tokens=300, ignore_eos=True)
+    _compare(res, ref_out, ref, image, "free11/photo_coffee/300 tokens")
+    assert len(res.token_ids) == 300 and len(res.artifacts) >= 10
