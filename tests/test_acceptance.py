@@ -377,3 +377,44 @@ def test_long_generation_past_eos(models, pictures):
     res = eng.analyze(image, max_new_tokens=300, ignore_eos=True)
     _compare(res, ref_out, ref, image, "free11/photo_coffee/300 tokens")
     assert len(res.token_ids) == 300 and len(res.artifacts) >= 10
+
+
+def test_stream_events_and_concurrency_on_image_dependent_text(models, pictures):
+    """With texts that differ per picture: streamed events agree with the Result, and concurrent requests on one
+    Engine give each picture its own answer (a mixed-up KV cache or text stream would show in the token ids)."""
+    import threading
+
+    from legion_rt.engine import DoneEvent, MaskEvent, TokenEvent
+
+    eng, _, _ = models["free11"]
+    names = ["photo_rocket", "photo_chelsea", "photo_coffee", "333x1001"]
+    sequential = {n: eng.analyze(pictures[n], max_new_tokens=MAX_NEW) for n in names}
+    assert len({tuple(r.token_ids) for r in sequential.values()}) == len(names)
+    for n in names[:2]:
+        events = list(eng.stream(pictures[n], max_new_tokens=MAX_NEW))
+        result = events[-1].result
+        assert isinstance(events[-1], DoneEvent)
+        assert [e.token_id for e in events if isinstance(e, TokenEvent)] == sequential[n].token_ids
+        masks = [e.artifact for e in events if isinstance(e, MaskEvent)]
+        assert [m.phrase for m in masks] == [a.phrase for a in result.artifacts], n
+        for m, a in zip(masks, result.artifacts, strict=True):
+            assert m.bbox == a.bbox and np.array_equal(m.mask, a.mask)
+    results, errors = {}, []
+
+    def work(n):
+        try:
+            results[n] = eng.analyze(pictures[n], max_new_tokens=MAX_NEW)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for n in names:
+        a, b = sequential[n], results[n]
+        assert a.token_ids == b.token_ids and a.text == b.text, n
+        assert [x.phrase for x in a.artifacts] == [y.phrase for y in b.artifacts], n
+        assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.artifacts, b.artifacts, strict=True)), n
