@@ -283,16 +283,42 @@ def _plant_language(model, cfg: LegionConfig, prompt_len: int, words: list[int])
 # ---------------------------------------------------------------------------------------------------------------
 # The free language (steer="free"): greedy text that depends on the picture
 
-FREE_WORDS = 24  # word tokens the free model can generate, besides <p>, </p>, [SEG] and EOS
+FREE_WORDS = 18  # word tokens the free model can generate, besides the pieces below, <p>, </p>, [SEG] and EOS
 FREE_LOGIT_STD = 32.0  # std of a generable token's logit (top-2 gaps ~ this / 3: far above fp32 ONNX error)
 # Extra logits of <p>, </p>, [SEG] (in logit stds): a phrase and a mask every few tokens.
-FREE_SPECIAL_BIAS = {"p_start": 1.0, "p_end": 0.9, "seg": 0.6}
+FREE_SPECIAL_BIAS = {"p_start": 1.6, "p_end": 1.6, "seg": 1.0}
 FREE_EOS_AT = 40  # EOS gets as likely as an average generable token at about this generated token
 FREE_IMAGE_GAIN = 4.0  # scale of the projector output: image embeddings weigh more than prompt tokens
 
 
+def _free_extra_pieces(tokenizer_dir: Path, prompt: set[int], seed: int) -> list[int]:
+    """Pieces that exercise the detokenizer's rules inside the free model's answers: <unk> and <s> (the space the
+    slow tokenizer puts before them), newline and space bytes (infer.py's replace("\\n", "") and
+    replace("  ", " ")), the UTF-8 bytes of "€" (a character split over three tokens, or broken when they come
+    in another order) and one word-internal piece (no leading "▁"), picked by seed."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    pieces = [sp.unk_id(), sp.bos_id()]
+    pieces += [sp.piece_to_id(f"<0x{b:02X}>") for b in (0x0A, 0x20, 0xE2, 0x82, 0xAC)]
+    inner = [
+        i
+        for i in range(sp.get_piece_size())
+        if not sp.id_to_piece(i).startswith("▁")
+        and sp.id_to_piece(i).isalpha()
+        and i not in prompt
+        and not sp.is_control(i)
+        and not sp.is_byte(i)
+        and not sp.is_unknown(i)
+    ]
+    pieces.append(random.Random(seed + 1).choice(inner))
+    return pieces
+
+
 @torch.no_grad()
-def _free_language(model, cfg: LegionConfig, prompt_len: int, words: list[int], seed: int) -> dict:
+def _free_language(
+    model, cfg: LegionConfig, prompt: tuple[list[int], list[int]], words: list[int], seed: int
+) -> dict:
     """A random LLM, unsteered, whose greedy text depends on the image, with large logit margins.
 
     Residual dimensions 0..5 are planted: BIAS (1 for every token), F (1 for a generable token), C (counter: share
@@ -362,28 +388,29 @@ def _free_language(model, cfg: LegionConfig, prompt_len: int, words: list[int], 
     lm = llm.lm_head.weight  # [V, H]
     lm.zero_()
     rand_dims = [d for d in range(h) if d not in planted]
-    # A generable token's logit = row . h / rms(h); h has rms ~1 per dimension after the final norm.
-    row_std = FREE_LOGIT_STD / len(rand_dims) ** 0.5
-    lm[generable] = 0.0
-    lm[torch.tensor(generable)[:, None], torch.tensor(rand_dims)[None]] = (
-        torch.randn(len(generable), len(rand_dims), generator=gen) * row_std
+    lm[torch.tensor(generable)[:, None], torch.tensor(rand_dims)[None]] = torch.randn(
+        len(generable), len(rand_dims), generator=gen
     )
+    # Calibrate on a forward pass (random picture, FREE_EOS_AT random generable tokens): the final-norm hidden
+    # states of the generated positions give the logit scale, the BIAS value and the counter C after the norm.
+    hs = _generated_hidden(model, prompt, generable, FREE_EOS_AT, gen)  # [n, H]
+    logits = hs @ lm[generable].T  # [n, len(generable)]
+    lm[generable] *= FREE_LOGIT_STD / float(logits.std())
+    bias_after_norm = float(hs[:, bias_d].mean())
+    c_at = float(hs[-8:, counter].mean())  # C after about FREE_EOS_AT generated tokens
     others = [t for t in range(cfg.vocab_size) if t not in generable and t != cfg.eos_token_id]
-    # BIAS / rms(h) is ~0.1 after the norm (the random dims dominate the rms): -1e4 puts these tokens far below.
-    lm[others, bias_d] = -1e4
-    # Bias of the specials, in units of logit std, through BIAS (scaled by 1/rms like every logit).
-    bias_scale = 1.0 / _bias_after_norm(model, cfg)
-    for name, b in FREE_SPECIAL_BIAS.items():
-        lm[ids[name], bias_d] = b * FREE_LOGIT_STD * bias_scale
-    lm[ids["seg"], after_close] = 1e3  # </p> -> [SEG]
-    lm[ids["p_end"], after_open] = -1e3  # <p> -> a word
-    lm[ids["seg"], after_open] = -1e3
-    lm[ids["p_start"], after_open] = -1e3
-    lm[ids["p_start"], after_close] = -1e3
-    lm[ids["seg"], after_seg] = -1e3  # [SEG] -> not [SEG] or </p> again
-    lm[ids["p_end"], after_seg] = -1e3
-    # EOS: about the best generable logit (~1.5 std) when C reaches its value at FREE_EOS_AT.
-    c_at = _counter_after_norm(model, cfg, prompt_len, FREE_EOS_AT)
+    lm[others, bias_d] = -1e3 * FREE_LOGIT_STD / bias_after_norm  # never the argmax
+    for name, b in FREE_SPECIAL_BIAS.items():  # in logit stds
+        lm[ids[name], bias_d] = b * FREE_LOGIT_STD / bias_after_norm
+    big = 100 * FREE_LOGIT_STD / (SLOT * bias_after_norm)  # slot columns: decisive (slots are SLOT x BIAS)
+    lm[ids["seg"], after_close] = big  # </p> -> [SEG]
+    lm[ids["p_end"], after_open] = -big  # <p> -> a word
+    lm[ids["seg"], after_open] = -big
+    lm[ids["p_start"], after_open] = -big
+    lm[ids["p_start"], after_close] = -big
+    lm[ids["seg"], after_seg] = -big  # [SEG] -> not [SEG] or </p> again
+    lm[ids["p_end"], after_seg] = -big
+    # EOS: as high as a good generable logit (1.5 std) once C reaches its value at FREE_EOS_AT generated tokens.
     lm[cfg.eos_token_id, counter] = 1.5 * FREE_LOGIT_STD / c_at
     return {
         "words": words,
@@ -393,15 +420,24 @@ def _free_language(model, cfg: LegionConfig, prompt_len: int, words: list[int], 
     }
 
 
-def _bias_after_norm(model, cfg: LegionConfig) -> float:
-    """Typical value of the BIAS dimension after the final norm (1 / rms of the last hidden state)."""
-    return 1.0 / (cfg.hidden_size**0.5)
-
-
-def _counter_after_norm(model, cfg: LegionConfig, prompt_len: int, n: int) -> float:
-    """Typical value of C after the final norm once n generable tokens were fed."""
-    share = n / (prompt_len + n)
-    return share / (cfg.hidden_size**0.5)
+@torch.no_grad()
+def _generated_hidden(
+    model, prompt: tuple[list[int], list[int]], generable: list[int], n: int, gen
+) -> torch.Tensor:
+    """Final-norm hidden states [n, H] of n random generable tokens after the prompt with a random picture."""
+    prefix, suffix = prompt
+    patches, _ = model.clip_features(torch.randn(1, 3, 336, 336, generator=gen))
+    tokens = torch.tensor(generable)[torch.randint(len(generable), (n,), generator=gen)]
+    embeds = torch.cat(
+        [
+            model.embed_tokens(torch.tensor([prefix])),
+            model.project(patches),
+            model.embed_tokens(torch.tensor([suffix])),
+            model.embed_tokens(tokens[None]),
+        ],
+        1,
+    )
+    return model.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0, -n:].float()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,7 +510,8 @@ def _make_tiny(out: Path, ckpt: Path, clip_dir: Path, seed: int, size: str, stee
         plan = _plant_language(model, cfg, prompt_len, _cycle_words(ckpt, set(prefix + suffix), seed))
     else:
         words = _cycle_words(ckpt, set(prefix + suffix), seed, FREE_WORDS)
-        plan = _free_language(model, cfg, prompt_len, words, seed)
+        words += _free_extra_pieces(ckpt, set(prefix + suffix), seed)
+        plan = _free_language(model, cfg, (prefix, suffix), words, seed)
 
     # --- checkpoint: two bf16 shards + index ---
     state = {}
