@@ -418,3 +418,24 @@ def test_stream_events_and_concurrency_on_image_dependent_text(models, pictures)
         assert a.token_ids == b.token_ids and a.text == b.text, n
         assert [x.phrase for x in a.artifacts] == [y.phrase for y in b.artifacts], n
         assert all(np.array_equal(x.mask, y.mask) for x, y in zip(a.artifacts, b.artifacts, strict=True)), n
+
+
+def test_native_preprocess_refuses_too_elongated_pictures():
+    """legion_rt.ops.preprocess (public low-level API) on 1x3000: the SAM size rounds to (0, 1024). It must raise
+    ImageError like other bad inputs; it used to crash the process with SIGSEGV (the Engine now checks first, but the
+    op itself must not crash). Run in a child process so a crash is reported, not fatal to the test session."""
+    code = (
+        "import sys, numpy as np\nimport legion_rt.ops as ops\nfrom legion_rt import ImageError\n"
+        "for shape in ((1, 3000, 3), (3000, 1, 3), (2, 4100, 3)):\n"
+        "    try:\n        ops.preprocess(np.full(shape, 77, np.uint8))\n"
+        "    except ImageError as e:\n        print('ImageError:', e)\n        continue\n"
+        "    print('no error for', shape)\n    sys.exit(3)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=60
+    )
+    assert proc.returncode == 0, (
+        f"ops.preprocess exit {proc.returncode} (-11 = SIGSEGV), want ImageError; stdout {proc.stdout[-400:]!r} "
+        f"stderr {proc.stderr[-400:]!r}"
+    )
