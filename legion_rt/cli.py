@@ -110,7 +110,7 @@ def cmd_export(args) -> int:
 
 def cmd_make_tiny(args) -> int:
     tiny = _export_module("tiny")
-    paths = tiny.make_tiny(args.out, seed=args.seed, size=args.size)
+    paths = tiny.make_tiny(args.out, seed=args.seed, size=args.size, steer=args.steer)
     print(f"checkpoint: {paths.checkpoint}\nclip: {paths.clip}\ndetector: {paths.detector}")
     return EXIT_OK
 
@@ -422,6 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    t.add_argument(
+        "--steer",
+        default="loop",
+        choices=["loop", "free"],
+        help="loop: a fixed token loop with [SEG]/<p>/</p> (default); free: random text that depends on the picture",
+    )
     t.set_defaults(func=cmd_make_tiny)
 
     d = sub.add_parser(

@@ -295,3 +295,14 @@ def test_serve(tiny_artifacts):
         server.shutdown()
         server.server_close()
         eng.close()
+
+
+def test_make_tiny_steer_option(tmp_path):
+    pytest.importorskip("torch", reason="make-tiny needs the export extra (torch)")
+    p = _cli("make-tiny", "--out", tmp_path / "free", "--seed", "3", "--steer", "free")
+    assert p.returncode == 0, p.stderr
+    info = json.loads((tmp_path / "free" / "tiny_info.json").read_text())
+    assert info["steer"] == "free"
+    bad = _cli("make-tiny", "--out", tmp_path / "x", "--steer", "sideways")
+    assert bad.returncode == 2 and "--steer" in bad.stderr
+    assert not (tmp_path / "x").exists()
