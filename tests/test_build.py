@@ -140,6 +140,22 @@ def test_cuda_on_without_nvcc_is_a_hard_error(tmp_path):
 
 
 @pytest.mark.slow
+def test_cuda_auto_without_nvcc_configures_cpu_only(tmp_path):
+    """AUTO (the default) on a machine without nvcc quietly builds the CPU kernels only."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    env = dict(os.environ)
+    env.pop("CUDACXX", None)
+    cmake_dir = str(Path(shutil.which("cmake")).parent)
+    env["PATH"] = os.pathsep.join([cmake_dir, str(Path(sys.executable).parent), "/usr/bin", "/bin"])
+    if shutil.which("nvcc", path=env["PATH"]):
+        pytest.skip("nvcc is installed in a system directory: cannot hide it")
+    cfg = _cmake_configure(tmp_path / "b", "-DLEGION_RT_CUDA=AUTO", env=env)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    assert "CUDA kernels: OFF" in cfg.stdout, cfg.stdout
+
+
+@pytest.mark.slow
 def test_wheel_maps_export_into_the_package(tmp_path):
     """`pip wheel .` (CUDA off to keep it short) holds legion_rt/_C and export/ as legion_rt/export."""
     env = dict(os.environ, LEGION_RT_CUDA="OFF")
