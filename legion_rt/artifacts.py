@@ -109,7 +109,7 @@ def load_artifacts(root: str | os.PathLike, *, verify: str = "full") -> Artifact
     if manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     version = manifest.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:  # not True, 1.0 or "1"
         raise ArtifactError(
             f"{mpath}: unknown format_version {version!r} (this legion_rt reads "
             f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export with this version"
@@ -139,10 +139,11 @@ def load_artifacts(root: str | os.PathLike, *, verify: str = "full") -> Artifact
             raise ArtifactError(f"{path}: resolves outside the artifact directory {root}")
         if (
             not isinstance(meta, dict)
-            or not isinstance(meta.get("bytes"), int)
+            or type(meta.get("bytes")) is not int  # a bool is an int to isinstance
+            or meta["bytes"] < 0
             or not isinstance(meta.get("sha256"), str)
         ):
-            raise ArtifactError(f"{mpath}: entry for {name!r} needs integer 'bytes' and string 'sha256'")
+            raise ArtifactError(f"{mpath}: entry for {name!r} needs integer 'bytes' >= 0 and string 'sha256'")
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in the manifest but missing")
         if verify == "none":

@@ -37,6 +37,14 @@ def _info(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (the contract: one stderr line naming the value), exit 2."""
+
+    def error(self, message: str):
+        first = message.splitlines()[0] if message else "bad usage"
+        self.exit(EXIT_USAGE, f"legion-rt: error: {first} (see `{self.prog} --help`)\n")
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -166,6 +174,11 @@ def _summary(name: str, result) -> str:
     )
 
 
+def _printable(path) -> str:
+    """A file name as valid Unicode: a non-UTF-8 name (surrogate escapes in ``str``) shows its bytes as ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def _numbered(path: Path, stem: str, multi: bool) -> Path:
     return path.with_name(f"{path.stem}-{stem}{path.suffix}") if multi else path
 
@@ -202,16 +215,17 @@ def run_analyze(
             _info(_summary(path, result))
         stem = Path(path).stem
         if overlay_path:
-            out = write_overlay(_numbered(Path(overlay_path), stem, multi), rgb, result)
+            target = _numbered(Path(overlay_path), stem, multi)
+            out = _write(target, write_overlay, target, rgb, result)
             if not quiet:
                 _info(f"overlay: {out}")
         if masks_dir:
-            outs = write_masks(masks_dir, result, stem=stem)
+            outs = _write(masks_dir, write_masks, masks_dir, result, stem=stem)
             if not quiet:
                 _info(f"masks: {len(outs)} PNG files in {masks_dir}")
     if json_path:
-        docs = [{"image": str(p), **r.to_dict()} for p, r in zip(images, results, strict=True)]
-        atomic_write_json(json_path, docs[0] if not multi else docs)
+        docs = [{"image": _printable(p), **r.to_dict()} for p, r in zip(images, results, strict=True)]
+        _write(json_path, atomic_write_json, json_path, docs[0] if not multi else docs)
         if not quiet:
             _info(f"json: {json_path}")
     return results
@@ -241,7 +255,37 @@ def _request_opts(args) -> dict[str, Any]:
     }
 
 
+def check_output_paths(*, json_path=None, overlay_path=None, masks_dir=None) -> None:
+    """Refuse output paths that cannot be written before any work is done (a missing parent directory is
+    created when writing, as before). Raises UsageError naming the option and path."""
+    for opt, path in (("--json", json_path), ("--overlay", overlay_path)):
+        if not path:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise UsageError(f"{opt} {path}: is a directory; give a file name")
+        parent = next((a for a in p.parents if a.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise UsageError(f"{opt} {path}: {parent} is not a directory")
+    if overlay_path and Path(overlay_path).suffix.lower() != ".png":
+        raise UsageError(f"--overlay {overlay_path}: the overlay is written as PNG; give a .png file name")
+    if masks_dir:
+        p = Path(masks_dir)
+        blocker = next((a for a in (p, *p.parents) if a.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UsageError(f"--masks-dir {masks_dir}: {blocker} is not a directory")
+
+
+def _write(path, writer, *args, **kwargs):
+    """``writer(*args, **kwargs)``; an OS error (disk full, permission) becomes one line naming the file."""
+    try:
+        return writer(*args, **kwargs)
+    except OSError as e:
+        raise LegionError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
 def cmd_analyze(args) -> int:
+    check_output_paths(json_path=args.json, overlay_path=args.overlay, masks_dir=args.masks_dir)
     rgbs = decode_all(args.images)
     engine = engine_from_args(args)
     if not args.quiet:
@@ -373,7 +417,7 @@ def cmd_eval(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="legion-rt", description="LEGION inference runtime")
+    p = _Parser(prog="legion-rt", description="LEGION inference runtime")
     from . import __version__
 
     p.add_argument("--version", action="version", version=f"legion-rt {__version__}")

@@ -206,6 +206,17 @@ class Engine:
             raise ArtifactError(
                 f"{table_path}: shape {self._embed_table.shape}, expected [V, {self.hidden_size}]"
             )
+        vocab = int(self._embed_table.shape[0])
+        for what, ids in (
+            ("prompt.prefix_ids", self.prefix_ids),
+            ("prompt.suffix_ids", self.suffix_ids),
+            ("tokens.eos/seg", [self.eos_id, self.seg_id]),
+        ):
+            bad = [i for i in ids if not 0 <= i < vocab]  # a negative id would silently index from the end
+            if bad:
+                raise ArtifactError(
+                    f"{self.art.root / 'manifest.json'}: {what} has token id {bad[0]} outside [0, {vocab})"
+                )
         self.detok = Detokenizer.from_dir(self.art.root)
 
         # The image-independent prompt prefix (system prompt, "USER: The <im_start>") is the same for every

@@ -39,7 +39,7 @@ _EXIF_ORIENTATION = 0x0112
 def describe(src: Any) -> str:
     """A short human name of an input, for error messages."""
     if isinstance(src, (str, os.PathLike)):
-        return str(src)
+        return str(src) or "<empty path>"
     if isinstance(src, (bytes, bytearray, memoryview)):
         return f"<{len(src)} bytes>"
     if isinstance(src, np.ndarray):
@@ -71,7 +71,11 @@ def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         _check_size(src.size, name, max_pixels)
         return _from_pil(src, name)
     if isinstance(src, (str, os.PathLike)):
+        if not os.fspath(src):  # Path("") would be the current directory
+            raise ImageError(f"{name}: empty image path")
         path = Path(src)
+        if path.is_dir():
+            raise ImageError(f"{name}: is a directory, not an image file")
         if not path.is_file():
             raise ImageError(f"{name}: no such image file")
         if path.stat().st_size == 0:
@@ -97,6 +101,14 @@ def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: too many pixels, over the limit of {max_pixels} ({e})") from None
+    except Image.UnidentifiedImageError:  # its message repeats the name (or a BytesIO repr): say it plainly
+        raise ImageError(f"{name}: cannot decode image (not a picture format Pillow can read)") from None
+    except OSError as e:
+        if e.errno is None:  # Pillow's decode errors ("image file is truncated") are OSErrors without errno
+            raise ImageError(
+                f"{name}: cannot decode image ({str(e).splitlines()[0] or type(e).__name__})"
+            ) from None
+        raise ImageError(f"{name}: cannot read ({e.strerror})") from None  # permission denied, I/O error
     except Exception as e:  # Pillow raises OSError/SyntaxError/ValueError/... for bad files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageError(f"{name}: cannot decode image ({msg})") from None
