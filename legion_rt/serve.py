@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlparse
 from .errors import ImageError, LegionError, RequestError
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
+READ_TIMEOUT_S = 60.0
 
 _INT_OPTS = ("max_new_tokens", "seed")
 _FLOAT_OPTS = ("temperature", "top_p", "skip_if_real")
@@ -63,10 +64,13 @@ def _png_b64(mask) -> str:
     return base64.b64encode(png_bytes(mask.astype("uint8") * 255)).decode("ascii")
 
 
-def make_handler(engine, *, max_body_bytes: int = MAX_BODY_BYTES):
+def make_handler(engine, *, max_body_bytes: int = MAX_BODY_BYTES, read_timeout_s: float = READ_TIMEOUT_S):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "legion-rt"
+        # Socket timeout (StreamRequestHandler applies it): a client that stalls mid-request, e.g. sends fewer
+        # body bytes than its Content-Length, would otherwise hold a server thread forever.
+        timeout = read_timeout_s
 
         def log_message(self, fmt, *args):  # one line per request on stderr
             sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
@@ -108,7 +112,14 @@ def make_handler(engine, *, max_body_bytes: int = MAX_BODY_BYTES):
                 return self._json(
                     413, {"error": f"body of {length} bytes is over the limit of {max_body_bytes}"}
                 )
-            body = self.rfile.read(length)
+            try:
+                body = self.rfile.read(length)
+            except TimeoutError:
+                self.close_connection = True
+                return self._json(408, {"error": f"body not received within {read_timeout_s:g} s"})
+            if len(body) != length:  # the client closed early
+                self.close_connection = True
+                return self._json(400, {"error": f"body ended after {len(body)} of {length} bytes"})
             try:
                 opts, stream, masks = parse_options(url.query)
                 events = engine.stream(body, **opts)  # decodes and validates now: errors before any output
