@@ -55,6 +55,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 65535]")
+    return v
+
+
 def _probability(text: str) -> float:
     try:
         v = float(text)
@@ -117,6 +127,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
     tiny = _export_module("tiny")
     paths = tiny.make_tiny(args.out, seed=args.seed, size=args.size, steer=args.steer)
     print(f"checkpoint: {paths.checkpoint}\nclip: {paths.clip}\ndetector: {paths.detector}")
@@ -497,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="HTTP service")
     engine_opts(s)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=_port, default=8000)
     s.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("eval", help="SynthScars-format evaluation (mIoU, F1)")

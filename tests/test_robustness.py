@@ -483,6 +483,23 @@ def test_bad_options_cli(tmp_path, tiny_artifacts, capsys, case):
     assert out == "" and sorted(os.listdir(tmp_path)) == before  # nothing written, no temp file left
 
 
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["serve", "--artifacts", "{tmp}", "--port", "99999"], "--port: '99999' must be in [0, 65535]"),
+        (["serve", "--artifacts", "{tmp}", "--port", "-1"], "--port: '-1' must be in [0, 65535]"),
+        (["make-tiny", "--out", "{pic}"], "--out {pic}: exists and is not a directory"),
+        ([], "required: COMMAND"),
+    ],
+)
+def test_other_commands_bad_values(tmp_path, capsys, args, words):
+    picture = tmp_path / "p.png"
+    picture.write_bytes(b"x")
+    fill = {"tmp": str(tmp_path), "pic": str(picture)}
+    rc, lines, _ = _run_main(capsys, *[a.format(**fill) for a in args])
+    _assert_one_error(rc, lines, 2, words.format(**fill))
+
+
 def test_usage_error_subprocess_one_line():
     """argparse's own errors (a bad value, a missing option) are one line too, exit 2."""
     for args in (["analyze", "x.png", "--artifacts", "a", "--max-new-tokens", "-3"], ["analyze", "x.png"]):
