@@ -177,6 +177,29 @@ def _cycle_words(tokenizer_dir: Path, prompt: set[int], seed: int, count: int = 
 
 
 @torch.no_grad()
+def _random_layers(
+    llm, gen: torch.Generator, planted, *, qk: float, vo: float, up: float, down: float
+) -> None:
+    """Gaussian weights for every decoder layer (scales given for hidden 64; per-dimension magnitudes are kept
+    for wider models), with the planted dimensions of the residual stream left untouched (o_proj and down_proj
+    write nothing there)."""
+    fan = (64 / llm.config.hidden_size) ** 0.5
+    for layer in llm.model.layers:
+        for lin, scale in (
+            (layer.self_attn.q_proj, qk),
+            (layer.self_attn.k_proj, qk),
+            (layer.self_attn.v_proj, vo),
+            (layer.self_attn.o_proj, vo),
+            (layer.mlp.gate_proj, up),
+            (layer.mlp.up_proj, up),
+            (layer.mlp.down_proj, down),
+        ):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * (scale * fan))
+        layer.self_attn.o_proj.weight[planted, :] = 0.0
+        layer.mlp.down_proj.weight[planted, :] = 0.0
+
+
+@torch.no_grad()
 def _plant_language(model, cfg: LegionConfig, prompt_len: int, words: list[int]) -> dict:
     """Make greedy decoding a fixed cycle with phrases and [SEG]s, ending with EOS at about EOS_AT.
 
@@ -217,22 +240,7 @@ def _plant_language(model, cfg: LegionConfig, prompt_len: int, words: list[int])
         emb[tok] = 0.0
         emb[tok, slot] = SLOT
         emb[tok, flag] = 1.0
-    fan = (
-        64 / h
-    ) ** 0.5  # the scales below are for hidden 64; keep per-dimension magnitudes for wider models
-    for layer in llm.model.layers:
-        for lin, scale in (
-            (layer.self_attn.q_proj, 0.3),
-            (layer.self_attn.k_proj, 0.3),
-            (layer.self_attn.v_proj, 0.15),
-            (layer.self_attn.o_proj, 0.15),
-            (layer.mlp.gate_proj, 0.15),
-            (layer.mlp.up_proj, 0.15),
-            (layer.mlp.down_proj, 0.1),
-        ):
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * (scale * fan))
-        layer.self_attn.o_proj.weight[planted, :] = 0.0
-        layer.mlp.down_proj.weight[planted, :] = 0.0
+    _random_layers(llm, gen, planted, qk=0.3, vo=0.15, up=0.15, down=0.1)
     proj_out = model.mm_projector[2]
     proj_out.weight[planted, :] = 0.0
     proj_out.bias[planted] = 0.0
@@ -342,9 +350,6 @@ def _free_language(
     h = cfg.hidden_size
     llm = model.llm
     gen = torch.Generator().manual_seed(1_000_003 * (seed + 1))
-    fan = (
-        64 / h
-    ) ** 0.5  # the scales below are for hidden 64; keep per-dimension magnitudes for wider models
 
     emb = llm.model.embed_tokens.weight  # [V, H]
     emb.copy_(torch.randn(emb.shape, generator=gen))
@@ -354,19 +359,7 @@ def _free_language(
     emb[ids["p_end"], after_close] = SLOT
     emb[ids["p_start"], after_open] = SLOT
     emb[ids["seg"], after_seg] = SLOT
-    for layer in llm.model.layers:
-        for lin, scale in (
-            (layer.self_attn.q_proj, 0.3),
-            (layer.self_attn.k_proj, 0.3),
-            (layer.self_attn.v_proj, 0.3),
-            (layer.self_attn.o_proj, 0.3),
-            (layer.mlp.gate_proj, 0.15),
-            (layer.mlp.up_proj, 0.15),
-            (layer.mlp.down_proj, 0.15),
-        ):
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * (scale * fan))
-        layer.self_attn.o_proj.weight[planted, :] = 0.0
-        layer.mlp.down_proj.weight[planted, :] = 0.0
+    _random_layers(llm, gen, planted, qk=0.3, vo=0.3, up=0.15, down=0.15)
     proj_out = model.mm_projector[2]
     proj_out.weight.mul_(FREE_IMAGE_GAIN)
     proj_out.bias.mul_(FREE_IMAGE_GAIN)
