@@ -45,44 +45,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"legion-rt: error: {first} (see `{self.prog} --help`)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
+def _ranged(cast, lo: float | None = None, hi: float | None = None):
+    """An argparse type: ``cast(text)`` within [lo, hi] (NaN is refused), with a one-line message otherwise."""
+    noun = "an integer" if cast is int else "a number"
+    if hi is None:
+        bound = f"must be >= {lo}"
+    else:
+        bound = f"must be in [{lo}, {hi}]"
+
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if not ((lo is None or v >= lo) and (hi is None or v <= hi)):  # written so that NaN fails
+            raise argparse.ArgumentTypeError(f"{text!r} {bound}")
+        return v
+
+    return parse
 
 
-def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 65535]")
-    return v
-
-
-def _probability(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 1]")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not v >= 0.0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return v
+_positive_int = _ranged(int, 1)
+_port = _ranged(int, 0, 65535)
+_probability = _ranged(float, 0, 1)
+_nonneg_float = _ranged(float, 0)
 
 
 def import_export():
