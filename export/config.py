@@ -7,12 +7,12 @@ A registry of named sizes (`CONFIGS`) serves the random-weight models of tests a
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from legion_rt.artifacts import read_json_object
 from legion_rt.errors import CheckpointError
 
 # Reference constants (LEGION_REFERENCE.md). CLIP's come from preprocessor_config.json when it is present.
@@ -219,16 +219,8 @@ CONFIGS: dict[str, LegionConfig] = {
 
 
 def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    """A checkpoint's JSON file (config, index, tokenizer files): an object, or CheckpointError naming it."""
+    return read_json_object(path, CheckpointError)
 
 
 def sam_encoder_dims(shapes: Mapping[str, tuple[int, ...]], prefix: str = SAM_ENCODER_PREFIX) -> dict:

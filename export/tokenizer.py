@@ -30,6 +30,8 @@ from pathlib import Path
 
 from legion_rt.errors import CheckpointError
 
+from .config import read_json
+
 # ----------------------------------------------------------------------------------------------------------------
 # Prompt (LEGION_REFERENCE.md "Prompt"; infer.py + LLaVA's conv_templates["llava_v1"], SeparatorStyle.TWO)
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,16 +88,6 @@ def _token_content(value) -> str | None:
     raise CheckpointError(f"tokenizer config: unsupported special token value {value!r}")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 @dataclass
 class SlowLlamaTokenizer:
     """transformers 4.28 ``LlamaTokenizer`` (slow) + added tokens, as loaded by ``from_pretrained(use_fast=False)``.
@@ -139,10 +131,10 @@ class SlowLlamaTokenizer:
             sp = spm.SentencePieceProcessor(model_file=str(model_path))
         except (OSError, RuntimeError) as err:
             raise CheckpointError(f"{model_path}: not a sentencepiece model ({err})") from err
-        config = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+        config = read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
         # 4.28: special_tokens_map.json entries override tokenizer_config.json's init kwargs.
         if (d / "special_tokens_map.json").is_file():
-            config.update(_read_json(d / "special_tokens_map.json"))
+            config.update(read_json(d / "special_tokens_map.json"))
         # (lstrip, rstrip) of the special tokens that are AddedToken objects in 4.28. LlamaTokenizer.__init__ wraps
         # bos/eos/unk/pad given as strings in AddedToken(lstrip=False, rstrip=False); from_pretrained turns dicts
         # (tokenizer_config / special_tokens_map) into AddedToken; plain-string additional_special_tokens stay plain.
@@ -165,7 +157,7 @@ class SlowLlamaTokenizer:
 
         added: dict[str, int] = {}
         if (d / "added_tokens.json").is_file():
-            raw = _read_json(d / "added_tokens.json")
+            raw = read_json(d / "added_tokens.json")
             size = sp.get_piece_size()
             for tok, idx in sorted(raw.items(), key=lambda kv: kv[1]):
                 # 4.28 checks that added ids continue the vocabulary without gaps.

@@ -20,7 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import ArtifactError
+from .errors import ArtifactError, LegionError
+
+
+def read_json_object(path: Path, error: type[LegionError] = ArtifactError) -> dict:
+    """A JSON file that must hold an object; anything else raises ``error`` with one line naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: not a JSON object")
+    return data
+
 
 FORMAT_NAME = "legion_rt.artifacts"
 SUPPORTED_FORMAT_VERSIONS = (1,)
@@ -100,12 +114,7 @@ def load_artifacts(root: str | os.PathLike, *, verify: str = "full") -> Artifact
     mpath = root / "manifest.json"
     if not mpath.is_file():
         raise ArtifactError(f"{mpath}: missing (is {root} an artifact directory made by `legion-rt export`?)")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{mpath}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{mpath}: not a JSON object")
+    manifest = read_json_object(mpath)
     if manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     version = manifest.get("format_version")

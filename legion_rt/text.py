@@ -23,11 +23,11 @@ slow ``LlamaTokenizer.decode(ids, skip_special_tokens=False)`` with sentencepiec
 from __future__ import annotations
 
 import bisect
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .artifacts import read_json_object
 from .errors import ArtifactError
 
 _META = "\u2581"  # sentencepiece's whitespace symbol
@@ -137,7 +137,7 @@ class Detokenizer:
         cls, tokenizer_json: str | Path, tokenizer_config: str | Path | None = None
     ) -> Detokenizer:
         tj = Path(tokenizer_json)
-        doc = _load_json(tj)
+        doc = read_json_object(tj)
         model = doc.get("model")
         if (
             not isinstance(model, dict)
@@ -200,7 +200,7 @@ class Detokenizer:
 
         clean_up = False
         if tokenizer_config is not None:
-            cfg = _load_json(Path(tokenizer_config))
+            cfg = read_json_object(Path(tokenizer_config))
             clean_up = cfg.get("clean_up_tokenization_spaces", False)
             if not isinstance(clean_up, bool):
                 raise ArtifactError(f"{tokenizer_config}: clean_up_tokenization_spaces must be true or false")
@@ -500,13 +500,3 @@ def pair_phrases(det: Detokenizer, prefix_ids, generated_ids, seg_id: int) -> li
         k = bisect.bisect_left(match_starts, rel)  # matches starting strictly before rel
         out.append(matches[k - 1][1] if rel >= 0 and k else None)
     return out
-
-
-def _load_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ArtifactError(f"{path}: cannot read JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a JSON object")
-    return data
