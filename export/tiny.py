@@ -200,6 +200,19 @@ def _random_layers(
 
 
 @torch.no_grad()
+def _counter_head(llm, hd: int, flag: int):
+    """Layer 0, head 0 becomes a uniform causal average of the flag dimension F (q = k = 0, v reads F, the
+    head's output columns cleared for the caller to route). Returns that attention module."""
+    attn0 = llm.model.layers[0].self_attn
+    attn0.q_proj.weight[:hd] = 0.0
+    attn0.k_proj.weight[:hd] = 0.0
+    attn0.v_proj.weight[:hd] = 0.0
+    attn0.v_proj.weight[0, flag] = 1.0
+    attn0.o_proj.weight[:, :hd] = 0.0
+    return attn0
+
+
+@torch.no_grad()
 def _plant_language(model, cfg: LegionConfig, prompt_len: int, words: list[int]) -> dict:
     """Make greedy decoding a fixed cycle with phrases and [SEG]s, ending with EOS at about EOS_AT.
 
@@ -247,12 +260,7 @@ def _plant_language(model, cfg: LegionConfig, prompt_len: int, words: list[int])
 
     # Counter head: layer 0, head 0.
     hd = cfg.head_dim
-    attn0 = llm.model.layers[0].self_attn
-    attn0.q_proj.weight[:hd] = 0.0
-    attn0.k_proj.weight[:hd] = 0.0
-    attn0.v_proj.weight[:hd] = 0.0
-    attn0.v_proj.weight[0, flag] = 1.0
-    attn0.o_proj.weight[:, :hd] = 0.0
+    attn0 = _counter_head(llm, hd, flag)
     # Value of a generated position: F / rms(embedding) (input RMSNorm, weight 1).
     rms_c = ((SLOT**2 + 1.0) / h + cfg.rms_norm_eps) ** 0.5
     value = 1.0 / rms_c
@@ -368,12 +376,7 @@ def _free_language(
 
     # Counter head (layer 0, head 0): uniform causal attention reading F, written on C.
     hd = cfg.head_dim
-    attn0 = llm.model.layers[0].self_attn
-    attn0.q_proj.weight[:hd] = 0.0
-    attn0.k_proj.weight[:hd] = 0.0
-    attn0.v_proj.weight[:hd] = 0.0
-    attn0.v_proj.weight[0, flag] = 1.0
-    attn0.o_proj.weight[:, :hd] = 0.0
+    attn0 = _counter_head(llm, hd, flag)
     attn0.o_proj.weight[counter, 0] = (
         1.0  # C ~ share(n) * F / rms(x) (the input norm): a few 1e-2 at EOS time
     )

@@ -124,8 +124,8 @@ def test_cpu_only_build_imports_and_runs(tmp_path):
     assert ".nv_fatbin" not in elf_sections(so)
 
 
-@pytest.mark.slow
-def test_cuda_on_without_nvcc_is_a_hard_error(tmp_path):
+def _env_without_nvcc() -> dict:
+    """The environment with a PATH that keeps cmake and this Python but hides nvcc (skips when it cannot)."""
     if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
     env = dict(os.environ)
@@ -134,6 +134,12 @@ def test_cuda_on_without_nvcc_is_a_hard_error(tmp_path):
     env["PATH"] = os.pathsep.join([cmake_dir, str(Path(sys.executable).parent), "/usr/bin", "/bin"])
     if shutil.which("nvcc", path=env["PATH"]):
         pytest.skip("nvcc is installed in a system directory: cannot hide it")
+    return env
+
+
+@pytest.mark.slow
+def test_cuda_on_without_nvcc_is_a_hard_error(tmp_path):
+    env = _env_without_nvcc()
     cfg = _cmake_configure(tmp_path / "b", "-DLEGION_RT_CUDA=ON", env=env)
     assert cfg.returncode != 0
     assert "LEGION_RT_CUDA=ON but nvcc was not found on PATH" in cfg.stderr
@@ -142,14 +148,7 @@ def test_cuda_on_without_nvcc_is_a_hard_error(tmp_path):
 @pytest.mark.slow
 def test_cuda_auto_without_nvcc_configures_cpu_only(tmp_path):
     """AUTO (the default) on a machine without nvcc quietly builds the CPU kernels only."""
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake is not installed")
-    env = dict(os.environ)
-    env.pop("CUDACXX", None)
-    cmake_dir = str(Path(shutil.which("cmake")).parent)
-    env["PATH"] = os.pathsep.join([cmake_dir, str(Path(sys.executable).parent), "/usr/bin", "/bin"])
-    if shutil.which("nvcc", path=env["PATH"]):
-        pytest.skip("nvcc is installed in a system directory: cannot hide it")
+    env = _env_without_nvcc()
     cfg = _cmake_configure(tmp_path / "b", "-DLEGION_RT_CUDA=AUTO", env=env)
     assert cfg.returncode == 0, cfg.stdout + cfg.stderr
     assert "CUDA kernels: OFF" in cfg.stdout, cfg.stdout
