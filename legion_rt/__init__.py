@@ -5,14 +5,25 @@ Importing this package never imports torch, transformers or onnx, and never call
 
 from __future__ import annotations
 
-from .errors import ArtifactError, BackendError, CheckpointError, ImageError, LegionError, RequestError
+from .errors import (
+    ArtifactError,
+    BackendError,
+    BusyError,
+    CheckpointError,
+    DeadlineError,
+    ImageError,
+    LegionError,
+    RequestError,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError",
     "BackendError",
+    "BusyError",
     "CheckpointError",
+    "DeadlineError",
     "Engine",
     "ImageError",
     "LegionError",
@@ -40,9 +51,9 @@ def __getattr__(name: str):
 
         return Engine
     if name in ("Result", "Artifact", "TokenEvent", "MaskEvent", "DoneEvent"):
-        from . import engine
+        from . import result
 
-        return getattr(engine, name)
+        return getattr(result, name)
     if name == "ops":
         import importlib
 

@@ -26,3 +26,11 @@ class RequestError(LegionError, ValueError):
 
 class BackendError(LegionError):
     """An inference backend cannot be created or failed while running (provider missing, TensorRT absent)."""
+
+
+class BusyError(LegionError):
+    """The engine is at its admission limit: ``max_concurrency`` requests run and ``max_queue`` wait (HTTP 429)."""
+
+
+class DeadlineError(LegionError):
+    """A request passed its ``timeout_s`` (queueing included); it was stopped and its memory freed (HTTP 504)."""
