@@ -51,6 +51,9 @@ class Result:
     skipped: bool = False
     phrases: list[str] = field(default_factory=list)
     image_size: tuple[int, int] = (0, 0)  # (H, W)
+    # Which model answered: {"name": manifest model name, "manifest_sha256": sha256 of manifest.json}
+    model: dict[str, str] = field(default_factory=dict)
+    image: str | None = None  # the input's name (a path as given) when it had one
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (masks are not included: write them as PNGs)."""
