@@ -36,11 +36,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx_llm import EXTERNAL_DATA_THRESHOLD, ExportError, build_llm_graph, rope_theta_of
+from legion_rt.manifest import (
+    FORMAT_VERSION,
+    FileEntry,
+    Graph,
+    Graphs,
+    Manifest,
+    Normalization,
+    Preprocess,
+    Prompt,
+    TokenIds,
+)
+
+from .onnx_llm import EXTERNAL_DATA_THRESHOLD, ExportError, build_llm_graph, llm_model_info
 
 __all__ = ["ExportError", "export_artifacts", "TOLERANCES", "FORMAT_VERSION"]
 
-FORMAT_VERSION = 1
 NUM_IMAGE_TOKENS = 576
 SAM_MEAN = (123.675, 116.28, 103.53)
 SAM_STD = (58.395, 57.12, 57.375)
@@ -519,7 +530,7 @@ def llm_case(path: Path, info, llm, seed: int, *, prompt: int = 24, steps: int =
 
     table = _np(llm.get_input_embeddings().weight)
     rng = np.random.default_rng(seed)
-    embeds = table[rng.integers(0, info.vocab_size, prompt)][None]  # [1,P,H]
+    embeds = table[rng.integers(0, int(llm.config.vocab_size), prompt)][None]  # [1,P,H]
 
     def torch_fn(inputs=None):
         """Teacher-forced when ``inputs`` is given (the fp64 pass), else greedy; returns outputs (+ inputs)."""
@@ -538,7 +549,7 @@ def llm_case(path: Path, info, llm, seed: int, *, prompt: int = 24, steps: int =
         return outs, fed
 
     t32, fed = torch_fn()
-    runner = OrtLLM(_session(path), {"graphs": {"llm": info.to_json()}})
+    runner = OrtLLM(_session(path), llm_model_info(llm), info)
     split = prompt // 3
     prefix_cache = runner.new_cache(split)
     runner.forward(prefix_cache, embeds[:, :split])
@@ -653,7 +664,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _clip_preprocess(clip_dir: Path) -> dict:
+def _clip_preprocess(clip_dir: Path) -> Normalization:
     """CLIP preprocessing constants, from the CLIP directory's preprocessor_config.json when present."""
     size, mean, std = 336, list(CLIP_DEFAULT_MEAN), list(CLIP_DEFAULT_STD)
     cfg_path = clip_dir / "preprocessor_config.json"
@@ -668,7 +679,7 @@ def _clip_preprocess(clip_dir: Path) -> dict:
         size = int(crop.get("height", size) if isinstance(crop, dict) else crop)
     if size != 336:
         raise ExportError(f"{cfg_path}: CLIP crop size {size} != 336 (576 image tokens are assumed)")
-    return {"size": size, "mean": mean, "std": std}
+    return Normalization(size=size, mean=tuple(mean), std=tuple(std))
 
 
 def _versions() -> dict:
@@ -930,7 +941,7 @@ def _export_into(
             tokens=tokens,
             checks=report.checks,
         )
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
     return report
 
 
@@ -944,9 +955,9 @@ def export_graphs(
     tolerance_scale: float = 1.0,
     bar=None,
     report=None,
-) -> dict:
+) -> Graphs:
     """Write vision.onnx, sam_encoder.onnx, mask_head.onnx and llm.onnx for ``model`` (a LegionModel) into
-    ``out_dir`` and verify them; returns manifest["graphs"]. Raises ExportError when a graph is out of tolerance.
+    ``out_dir`` and verify them; returns the manifest's ``graphs`` block. Raises ExportError when a graph is out of tolerance.
     """
     import torch
 
@@ -964,7 +975,13 @@ def export_graphs(
         exporter = _torch_export(
             module, args, out_dir / f"{name}.onnx", input_names=inputs, output_names=outputs, dynamic=dynamic
         )
-        graphs[name] = {"file": f"{name}.onnx", "inputs": inputs, "outputs": outputs, "exporter": exporter}
+        graphs[name] = Graph(
+            file=f"{name}.onnx",
+            inputs=tuple(inputs),
+            outputs=tuple(outputs),
+            precision="fp16" if precision == "fp16" else "fp32",
+            exporter=exporter,
+        )
 
     with bar.step("export vision.onnx"), _Timer(report, "vision"):
         outs = ["image_embeds", "cls_logits"] if has_detector else ["image_embeds"]
@@ -988,12 +1005,12 @@ def export_graphs(
         )
     with bar.step("build llm.onnx"), _Timer(report, "llm"):
         info = build_llm_graph(llm, out_dir / "llm.onnx", precision=precision)
-        graphs["llm"] = {"file": "llm.onnx", **info.to_json()}
+        graphs["llm"] = info
 
     if precision == "fp16":
         with bar.step("convert graphs to fp16"), _Timer(report, "fp16"):
             for name in ("vision", "sam_encoder", "mask_head"):
-                _to_fp16(out_dir / graphs[name]["file"])
+                _to_fp16(out_dir / graphs[name].file)
     if verify:
         with bar.step("verify graphs in ONNX Runtime"), _Timer(report, "verify"):
             report.checks = verify_graphs(
@@ -1012,64 +1029,42 @@ def export_graphs(
                 f"{c.name}.onnx: ONNX Runtime differs from the reference by {c.max_abs:.3g} on {c.output} "
                 f"(limit {c.limit:.3g}, rule {c.rule}); export aborted"
             )
-    return graphs
+    return Graphs(**graphs)
 
 
 def _manifest(
-    model, art: Path, *, clip: Path, precision, graphs, prefix_ids, suffix_ids, tokens, checks
-) -> dict:
-    lcfg = model.llm.config
+    model, art: Path, *, clip: Path, precision, graphs: Graphs, prefix_ids, suffix_ids, tokens, checks
+) -> Manifest:
     cfg = model.cfg
-    info = graphs["llm"]
-    model_block = {
-        "name": cfg.name,
-        "hidden_size": int(lcfg.hidden_size),
-        "num_layers": int(lcfg.num_hidden_layers),
-        "num_heads": int(lcfg.num_attention_heads),
-        "num_kv_heads": int(info["num_kv_heads"]),
-        "head_dim": int(info["head_dim"]),
-        "intermediate_size": int(lcfg.intermediate_size),
-        "vocab_size": int(lcfg.vocab_size),
-        "max_position_embeddings": int(lcfg.max_position_embeddings),
-        "rms_norm_eps": float(lcfg.rms_norm_eps),
-        "rope_theta": float(rope_theta_of(lcfg)),
-        "clip_hidden_size": int(cfg.clip_hidden_size),
-        "num_image_tokens": int(cfg.num_image_tokens),
-        "sam_embed_dim": int(cfg.prompt_embed_dim),
-        "sam_embedding_hw": list(cfg.sam_embedding_hw),
-        "low_res_hw": list(cfg.low_res_hw),
-    }
     files = {}
     for path in sorted(art.rglob("*")):
         if path.is_file() and path.name != "manifest.json":
             rel = path.relative_to(art).as_posix()
-            files[rel] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-    tok_cfg = json.loads((art / "tokenizer_config.json").read_text())
-    return {
-        "format": "legion_rt.artifacts",
-        "format_version": FORMAT_VERSION,
-        "producer": _versions(),
-        "precision": precision,
-        "dtypes": {
-            "io": "float32",
-            "weights": "float16" if precision == "fp16" else "float32",
-            "kv_cache": info["kv_dtype"],
-            "embed_tokens": "float16" if precision == "fp16" else "float32",
-        },
-        "model": model_block,
-        "tokens": {k: int(v) for k, v in tokens.items()},
-        "prompt": {
-            "prefix_ids": [int(i) for i in prefix_ids],
-            "suffix_ids": [int(i) for i in suffix_ids],
-            "image_token_index": -200,
-        },
-        "preprocess": {
-            "clip": _clip_preprocess(clip),
-            "sam": {"size": 1024, "mean": list(SAM_MEAN), "std": list(SAM_STD)},
-        },
-        "detector": getattr(model, "prediction_head", None) is not None,
-        "text": {"clean_up_tokenization_spaces": bool(tok_cfg.get("clean_up_tokenization_spaces", False))},
-        "graphs": graphs,
-        "verification": {c.name: c.to_json() for c in checks},
-        "files": files,
-    }
+            files[rel] = FileEntry(sha256=_sha256(path), bytes=path.stat().st_size)
+    manifest = Manifest(
+        precision=precision,
+        model=llm_model_info(
+            model.llm,
+            name=cfg.name,
+            clip_hidden_size=cfg.clip_hidden_size,
+            num_image_tokens=cfg.num_image_tokens,
+            sam_embed_dim=cfg.prompt_embed_dim,
+            sam_embedding_hw=cfg.sam_embedding_hw,
+            low_res_hw=cfg.low_res_hw,
+        ),
+        tokens=TokenIds(**{k: int(v) for k, v in tokens.items()}),
+        prompt=Prompt(
+            prefix_ids=tuple(int(i) for i in prefix_ids), suffix_ids=tuple(int(i) for i in suffix_ids)
+        ),
+        preprocess=Preprocess(
+            clip=_clip_preprocess(clip),
+            sam=Normalization(size=1024, mean=tuple(SAM_MEAN), std=tuple(SAM_STD)),
+        ),
+        detector=getattr(model, "prediction_head", None) is not None,
+        graphs=graphs,
+        files=files,
+        producer=_versions(),
+        verification={c.name: c.to_json() for c in checks},
+    )
+    manifest.validate(str(art / "manifest.json"))
+    return manifest

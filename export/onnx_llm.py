@@ -25,6 +25,7 @@ new K/V rows are written there.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from legion_rt.errors import LegionError
+from legion_rt.manifest import LlmGraph, ModelInfo
 
 LLM_GRAPH_KIND = "gqa_shared_kv"
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with room for the graph itself
@@ -42,32 +44,39 @@ class ExportError(LegionError):
     """The export stage cannot produce a correct artifact (unsupported model, graph out of tolerance...)."""
 
 
-@dataclass
-class LlmGraphInfo:
-    """What the runner needs to drive llm.onnx; stored in manifest["graphs"]["llm"]."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    max_positions: int
-    kv_dtype: str  # "float32" | "float16"
-    kind: str = LLM_GRAPH_KIND
-    inputs_embeds: str = "inputs_embeds"
-    seqlens_k: str = "seqlens_k"
-    total_sequence_length: str = "total_sequence_length"
-    logits: str = "logits"
-    hidden: str = "hidden"
-    past_key: str = "past_key_values.{i}.key"
-    past_value: str = "past_key_values.{i}.value"
-    present_key: str = "present.{i}.key"
-    present_value: str = "present.{i}.value"
-    external_data: str | None = None
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
+def llm_model_info(
+    llm,
+    *,
+    name: str = "llm",
+    max_positions: int | None = None,
+    clip_hidden_size: int = 0,
+    num_image_tokens: int = 576,
+    sam_embed_dim: int = 256,
+    sam_embedding_hw: tuple[int, int] = (64, 64),
+    low_res_hw: tuple[int, int] = (256, 256),
+) -> ModelInfo:
+    """The manifest's ``model`` block for a LlamaForCausalLM (the vision sizes are given by the caller; the
+    defaults suit a standalone LLM graph in tests and verification)."""
+    cfg = llm.config
+    nh = int(cfg.num_attention_heads)
+    return ModelInfo(
+        name=name,
+        hidden_size=int(cfg.hidden_size),
+        num_layers=int(cfg.num_hidden_layers),
+        num_heads=nh,
+        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or nh),
+        head_dim=int(getattr(cfg, "head_dim", None) or int(cfg.hidden_size) // nh),
+        intermediate_size=int(cfg.intermediate_size),
+        vocab_size=int(cfg.vocab_size),
+        max_position_embeddings=int(max_positions or cfg.max_position_embeddings),
+        rms_norm_eps=float(cfg.rms_norm_eps),
+        rope_theta=float(rope_theta_of(cfg)),
+        clip_hidden_size=int(clip_hidden_size),
+        num_image_tokens=int(num_image_tokens),
+        sam_embed_dim=int(sam_embed_dim),
+        sam_embedding_hw=tuple(int(v) for v in sam_embedding_hw),
+        low_res_hw=tuple(int(v) for v in low_res_hw),
+    )
 
 
 def rope_theta_of(config) -> float:
@@ -171,7 +180,8 @@ def build_llm_graph(
 ):
     """Write llm.onnx (and llm.onnx.data when the weights pass 2 GB) for ``llm`` (a LlamaForCausalLM).
 
-    Returns the LlmGraphInfo to store in the manifest. Raises ExportError for models it cannot represent.
+    Returns its ``graphs.llm`` manifest entry (``legion_rt.manifest.LlmGraph``); the model sizes go in the
+    ``model`` block (``llm_model_info``). Raises ExportError for models it cannot represent.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -217,14 +227,20 @@ def build_llm_graph(
     sin_name = w.add("sin_cache", sin)
     minus_one = w.add("last_position", np.array(-1, dtype=np.int64), keep_dtype=True)
 
-    info = LlmGraphInfo(
-        num_layers=L,
-        num_heads=NH,
-        num_kv_heads=KVH,
-        head_dim=D,
-        hidden_size=H,
-        vocab_size=V,
-        max_positions=P,
+    names = LlmGraph(file=out_path.name, inputs=(), outputs=())  # the tensor names (defaults of the format)
+    info = dataclasses.replace(
+        names,
+        inputs=(
+            names.inputs_embeds,
+            names.past_key,
+            names.past_value,
+            names.seqlens_k,
+            names.total_sequence_length,
+        ),
+        outputs=(names.logits, names.hidden, names.present_key, names.present_value),
+        precision=precision,
+        exporter="hand-built",
+        kind=LLM_GRAPH_KIND,
         kv_dtype="float16" if precision == "fp16" else "float32",
         external_data=data_path.name if data_path else None,
     )

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import ArtifactError, LegionError
+from .manifest import Manifest
 
 
 def read_json_object(path: Path, error: type[LegionError] = ArtifactError) -> dict:
@@ -36,60 +37,24 @@ def read_json_object(path: Path, error: type[LegionError] = ArtifactError) -> di
     return data
 
 
-FORMAT_NAME = "legion_rt.artifacts"
-SUPPORTED_FORMAT_VERSIONS = (1,)
-REQUIRED_GRAPHS = ("vision", "sam_encoder", "mask_head", "llm")
 REQUIRED_FILES = ("embed_tokens.npy", "tokenizer.json")
-REQUIRED_SECTIONS = ("model", "tokens", "prompt", "preprocess", "graphs", "files")
 VERIFY_MODES = ("full", "size", "none")
 _CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class Artifacts:
-    """A verified artifact directory. ``manifest`` is the parsed manifest.json; the other fields are views of it."""
+class ArtifactDir:
+    """A verified artifact directory: its ``root`` and its parsed, typed ``manifest``."""
 
     root: Path
-    manifest: dict[str, Any] = field(repr=False)
-
-    @property
-    def format_version(self) -> int:
-        return int(self.manifest["format_version"])
-
-    @property
-    def model(self) -> dict[str, Any]:
-        return self.manifest["model"]
-
-    @property
-    def tokens(self) -> dict[str, int]:
-        return self.manifest["tokens"]
-
-    @property
-    def prompt(self) -> dict[str, Any]:
-        return self.manifest["prompt"]
-
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        return self.manifest["preprocess"]
-
-    @property
-    def graphs(self) -> dict[str, dict[str, Any]]:
-        return self.manifest["graphs"]
-
-    @property
-    def has_detector(self) -> bool:
-        return bool(self.manifest.get("detector", False))
-
-    @property
-    def precision(self) -> str:
-        return str(self.manifest.get("precision", "fp32"))
+    manifest: Manifest = field(repr=False)
 
     def path(self, name: str) -> Path:
         """Absolute path of a file listed in the manifest (already checked to be inside ``root``)."""
         return self.root / name
 
     def graph_path(self, graph: str) -> Path:
-        return self.path(self.graphs[graph]["file"])
+        return self.path(getattr(self.manifest.graphs, graph).file)
 
 
 def sha256_file(path: Path, *, chunk: int = _CHUNK) -> str:
@@ -104,7 +69,7 @@ def sha256_file(path: Path, *, chunk: int = _CHUNK) -> str:
     return h.hexdigest()
 
 
-def load_artifacts(root: str | os.PathLike, *, verify: str = "full") -> Artifacts:
+def load_artifacts(root: str | os.PathLike, *, verify: str = "full") -> ArtifactDir:
     """Load and verify ``root``/manifest.json. ``verify``: "full" (sizes + sha256), "size" or "none"."""
     if verify not in VERIFY_MODES:
         raise ArtifactError(f"verify={verify!r}: must be one of {', '.join(VERIFY_MODES)}")
@@ -114,59 +79,31 @@ def load_artifacts(root: str | os.PathLike, *, verify: str = "full") -> Artifact
     mpath = root / "manifest.json"
     if not mpath.is_file():
         raise ArtifactError(f"{mpath}: missing (is {root} an artifact directory made by `legion-rt export`?)")
-    manifest = read_json_object(mpath)
-    if manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    version = manifest.get("format_version")
-    if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:  # not True, 1.0 or "1"
-        raise ArtifactError(
-            f"{mpath}: unknown format_version {version!r} (this legion_rt reads "
-            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export with this version"
-        )
-    for sec in REQUIRED_SECTIONS:
-        if not isinstance(manifest.get(sec), dict):
-            raise ArtifactError(f"{mpath}: section {sec!r} missing or not an object")
-    files: dict[str, Any] = manifest["files"]
-    graphs: dict[str, Any] = manifest["graphs"]
-    for g in REQUIRED_GRAPHS:
-        entry = graphs.get(g)
-        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-            raise ArtifactError(f"{mpath}: required graph {g!r} missing from 'graphs'")
-        if entry["file"] not in files:
-            raise ArtifactError(
-                f"{mpath}: graph file {entry['file']!r} is not listed (with a hash) under 'files'"
-            )
+    manifest = Manifest.from_json(read_json_object(mpath), str(mpath))
     for name in REQUIRED_FILES:
-        if name not in files:
+        if name not in manifest.files:
             raise ArtifactError(f"{mpath}: required file {name!r} is not listed under 'files'")
 
     real_root = root.resolve()
-    for name, meta in files.items():
+    for name, meta in manifest.files.items():
         _check_name(name, mpath)
         path = root / name
         if not _inside(path, real_root):
             raise ArtifactError(f"{path}: resolves outside the artifact directory {root}")
-        if (
-            not isinstance(meta, dict)
-            or type(meta.get("bytes")) is not int  # a bool is an int to isinstance
-            or meta["bytes"] < 0
-            or not isinstance(meta.get("sha256"), str)
-        ):
-            raise ArtifactError(f"{mpath}: entry for {name!r} needs integer 'bytes' >= 0 and string 'sha256'")
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in the manifest but missing")
         if verify == "none":
             continue
         size = path.stat().st_size
-        if size != meta["bytes"]:
+        if size != meta.bytes:
             raise ArtifactError(
-                f"{path}: size {size} bytes, manifest says {meta['bytes']} (modified or truncated)"
+                f"{path}: size {size} bytes, manifest says {meta.bytes} (modified or truncated)"
             )
         if verify == "full":
             digest = sha256_file(path)
-            if digest != meta["sha256"].lower():
+            if digest != meta.sha256.lower():
                 raise ArtifactError(f"{path}: sha256 mismatch (modified or corrupted; re-export)")
-    return Artifacts(root=root, manifest=manifest)
+    return ArtifactDir(root=root, manifest=manifest)
 
 
 def _check_name(name: Any, mpath: Path) -> None:

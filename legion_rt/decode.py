@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -94,23 +95,52 @@ class Step:
     seconds: float  # time of the forward pass that produced the logits (prefill for the first token)
 
 
-def generate(
-    llm, cache, first_embeds: np.ndarray, embed_ids, opts: DecodeOptions, eos_id: int, clock
-) -> Iterator[Step]:
-    """Prefill ``first_embeds`` f32 [1, S, H] into ``cache`` (which already holds the prompt prefix), then decode.
+class Decoder:
+    """Greedy (or sampled) decoding over one KV cache: ``prefill`` once, then ``step`` until ``done``.
 
-    ``embed_ids(ids) -> f32 [1, len(ids), H]``. Yields one ``Step`` per generated token, stopping after EOS
-    (unless ``opts.ignore_eos``) or ``opts.max_new_tokens`` tokens. The last token is never fed back.
+    ``llm``: an OrtLLM-like runner (``forward(cache, embeds f32 [1, S, H]) -> (logits f32 [V], hidden f32 [H])``);
+    ``cache``: its KV cache, already holding the prompt prefix; ``embed_ids(ids) -> f32 [1, len(ids), H]``.
+    ``done`` turns True after EOS (unless ``opts.ignore_eos``) or ``opts.max_new_tokens`` tokens; the last token
+    is never fed back.
     """
-    sample = Sampler(opts)
-    t0 = clock()
-    logits, hidden = llm.forward(cache, first_embeds)
-    dt = clock() - t0
-    for n in range(opts.max_new_tokens):
-        token = sample(logits)
-        yield Step(token, hidden, dt)
-        if (token == eos_id and not opts.ignore_eos) or n + 1 == opts.max_new_tokens:
-            return
-        t0 = clock()
-        logits, hidden = llm.forward(cache, embed_ids([token]))
-        dt = clock() - t0
+
+    def __init__(self, llm, cache, embed_ids, opts: DecodeOptions, eos_id: int, clock=time.perf_counter):
+        self.llm, self.cache, self.embed_ids = llm, cache, embed_ids
+        self.opts, self.eos_id, self.clock = opts, int(eos_id), clock
+        self.sample = Sampler(opts)
+        self.tokens: list[int] = []
+        self.done = False
+
+    def prefill(self, first_embeds: np.ndarray) -> Step:
+        """Run the S positions of ``first_embeds`` f32 [1, S, H] after the cached prefix; the first token."""
+        if self.tokens:
+            raise RuntimeError("prefill() runs once, before any step()")
+        t0 = self.clock()
+        logits, hidden = self.llm.forward(self.cache, first_embeds)
+        return self._emit(logits, hidden, self.clock() - t0)
+
+    def step(self) -> Step:
+        """Feed the last token back (one position, K/V written in place) and pick the next one."""
+        if self.done or not self.tokens:
+            raise RuntimeError("step() after the last token or before prefill()")
+        t0 = self.clock()
+        logits, hidden = self.llm.forward(self.cache, self.embed_ids([self.tokens[-1]]))
+        return self._emit(logits, hidden, self.clock() - t0)
+
+    def _emit(self, logits: np.ndarray, hidden: np.ndarray, seconds: float) -> Step:
+        token = self.sample(logits)
+        self.tokens.append(token)
+        self.done = (token == self.eos_id and not self.opts.ignore_eos) or len(
+            self.tokens
+        ) >= self.opts.max_new_tokens
+        return Step(token, hidden, seconds)
+
+
+def generate(
+    llm, cache, first_embeds: np.ndarray, embed_ids, opts: DecodeOptions, eos_id: int, clock=time.perf_counter
+) -> Iterator[Step]:
+    """``Decoder`` as a generator: the prefill's token, then one ``Step`` per decode step until done."""
+    dec = Decoder(llm, cache, embed_ids, opts, eos_id, clock)
+    yield dec.prefill(first_embeds)
+    while not dec.done:
+        yield dec.step()

@@ -15,6 +15,7 @@ ort = pytest.importorskip("onnxruntime", reason="the runtime needs onnxruntime")
 
 from export.onnx_export import TOLERANCES, ExportError, export_artifacts  # noqa: E402
 from legion_rt.backends.ort_llm import OrtLLM  # noqa: E402
+from legion_rt.manifest import LlmGraph, Manifest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def _check(name: str, got: np.ndarray, want: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------- the manifest
 def test_manifest_fields(manifest, tiny_paths, tiny_model):
     cfg = tiny_model.cfg
-    assert manifest["format"] == "legion_rt.artifacts" and manifest["format_version"] == 1
+    assert manifest["format"] == "legion_rt.artifacts" and manifest["format_version"] == 2
     assert manifest["precision"] == "fp32"
     assert set(manifest["producer"]) >= {"legion_rt", "torch", "transformers", "onnx", "onnxruntime"}
     m = manifest["model"]
@@ -77,7 +78,9 @@ def test_manifest_fields(manifest, tiny_paths, tiny_model):
     assert (
         llm["kind"] == "gqa_shared_kv"
         and llm["kv_dtype"] == "float32"
-        and llm["num_layers"] == cfg.num_layers
+        and llm["precision"] == "fp32"
+        and m["num_layers"] == cfg.num_layers
+        and m["max_position_embeddings"] == cfg.max_position_embeddings
     )
     assert manifest["graphs"]["vision"]["outputs"] == ["image_embeds", "cls_logits"]
     ver = manifest["verification"]
@@ -284,7 +287,11 @@ def test_fp16_export_without_detector_and_with_external_data(tmp_path, tiny_path
         assert name in manifest["files"], name
     assert set(manifest["verification"]) == {"vision", "sam_encoder", "mask_head", "llm"}
     # The runner drives the fp16 graph with f32 inputs and outputs.
-    runner = OrtLLM(out / "llm.onnx", manifest, threads=1)
+    typed = Manifest.from_json(manifest)
+    assert {name: g.precision for name, g in typed.graphs.items()} == dict.fromkeys(
+        ("vision", "sam_encoder", "mask_head", "llm"), "fp16"
+    )
+    runner = OrtLLM(out / "llm.onnx", typed.model, typed.graphs.llm, threads=1)
     cache = runner.new_cache(8)
     logits, hidden = runner.forward(cache, np.zeros((1, 3, manifest["model"]["hidden_size"]), np.float32))
     assert logits.dtype == np.float32 and np.isfinite(logits).all() and cache.keys[0].dtype == np.float16
@@ -316,9 +323,9 @@ def _corrupt_copy(art: Path, out: Path, names=("vision", "sam_encoder", "mask_he
 
 
 def _llm_info(manifest):
-    from export.onnx_llm import LlmGraphInfo
-
-    return LlmGraphInfo(**{k: v for k, v in manifest["graphs"]["llm"].items() if k != "file"})
+    return LlmGraph(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["graphs"]["llm"].items()}
+    )
 
 
 @pytest.mark.parametrize("fp64", [True, False], ids=["fp64_ratio", "rms_rtol"])

@@ -3,13 +3,15 @@ against transformers' LlamaForCausalLM in eager PyTorch."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip install .[export])")
 transformers = pytest.importorskip("transformers", reason="export-stage tests need transformers")
 
-from export.onnx_llm import build_llm_graph  # noqa: E402
+from export.onnx_llm import build_llm_graph, llm_model_info  # noqa: E402
 from legion_rt.backends.ort_llm import OrtLLM, decode_context_ratio  # noqa: E402
 from legion_rt.errors import RequestError  # noqa: E402
 
@@ -46,7 +48,7 @@ def _llama(
 
 def _runner(model, tmp_path, name="llm.onnx", threads=1) -> OrtLLM:
     info = build_llm_graph(model, tmp_path / name)
-    return OrtLLM(tmp_path / name, {"graphs": {"llm": info.to_json()}}, threads=threads)
+    return OrtLLM(tmp_path / name, llm_model_info(model), info, threads=threads)
 
 
 def _eager_step(model, embeds, cache):
@@ -212,13 +214,14 @@ def test_graph_and_manifest_mismatch_is_an_artifact_error(tmp_path):
 
     model = _llama(6)
     info = build_llm_graph(model, tmp_path / "llm.onnx")
-    wrong = dict(info.to_json(), num_layers=3)  # the graph has 2 layers
+    wrong = dataclasses.replace(llm_model_info(model), num_layers=3)  # the graph has 2 layers
     with pytest.raises(ArtifactError, match="missing inputs"):
-        OrtLLM(tmp_path / "llm.onnx", {"graphs": {"llm": wrong}})
-    with pytest.raises(ArtifactError, match="graphs.llm"):
-        OrtLLM(tmp_path / "llm.onnx", {"graphs": {}})
+        OrtLLM(tmp_path / "llm.onnx", wrong, info)
+    renamed = dataclasses.replace(info, past_key="past.{i}.k")
+    with pytest.raises(ArtifactError, match="missing inputs"):
+        OrtLLM(tmp_path / "llm.onnx", llm_model_info(model), renamed)
     with pytest.raises(ArtifactError, match="kind"):
-        OrtLLM(tmp_path / "llm.onnx", {"graphs": {"llm": dict(info.to_json(), kind="something_else")}})
+        OrtLLM(tmp_path / "llm.onnx", llm_model_info(model), dataclasses.replace(info, kind="something_else"))
 
 
 def test_unsupported_llm_configs_raise_export_error(tmp_path):

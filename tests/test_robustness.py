@@ -394,12 +394,21 @@ ARTIFACT_CASES = {
     "dotdot-file": (_add_file("../outside.bin"), ArtifactError, "leaves the artifact directory"),
     "absolute-file": (_add_file("/etc/hostname"), ArtifactError, "not a relative path"),
     "symlink-out": (_symlink_out, ArtifactError, "tokenizer.json: resolves outside"),
-    "negative-bytes": (_set(["files", "vision.onnx", "bytes"], -5), ArtifactError, "'bytes' >= 0"),
-    "bool-bytes": (_set(["files", "vision.onnx", "bytes"], True), ArtifactError, "'bytes' >= 0"),
+    "negative-bytes": (
+        _set(["files", "vision.onnx", "bytes"], -5),
+        ArtifactError,
+        "vision.onnx.bytes: must be >= 0",
+    ),
+    "bool-bytes": (
+        _set(["files", "vision.onnx", "bytes"], True),
+        ArtifactError,
+        "vision.onnx.bytes: expected an integer",
+    ),
     "huge-bytes": (_set(["files", "vision.onnx", "bytes"], 10**30), ArtifactError, "vision.onnx: size"),
-    "format-version-2": (_set(["format_version"], 2), ArtifactError, "unknown format_version 2"),
+    "format-version-1": (_set(["format_version"], 1), ArtifactError, "unknown format_version 1"),
+    "format-version-3": (_set(["format_version"], 3), ArtifactError, "unknown format_version 3"),
     "format-version-true": (_set(["format_version"], True), ArtifactError, "unknown format_version True"),
-    "format-version-float": (_set(["format_version"], 1.0), ArtifactError, "unknown format_version 1.0"),
+    "format-version-float": (_set(["format_version"], 2.0), ArtifactError, "unknown format_version 2.0"),
     "garbage-vision": (_garbage("vision"), BackendError, "vision.onnx: cannot create"),
     "garbage-sam-encoder": (_garbage("sam_encoder"), BackendError, "sam_encoder.onnx: cannot create"),
     "garbage-mask-head": (_garbage("mask_head"), BackendError, "mask_head.onnx: cannot create"),
@@ -407,7 +416,11 @@ ARTIFACT_CASES = {
     "garbage-embed-table": (_garbage_embed, ArtifactError, "embed_tokens.npy: cannot read"),
     "prefix-id-too-big": (_set(["prompt", "prefix_ids"], [10**9]), ArtifactError, "token id 1000000000"),
     "prefix-id-negative": (_set(["prompt", "prefix_ids"], [-1]), ArtifactError, "token id -1 outside"),
-    "eos-not-int": (_set(["tokens", "eos"], "x"), ArtifactError, "manifest.json: incomplete or invalid"),
+    "eos-not-int": (
+        _set(["tokens", "eos"], "x"),
+        ArtifactError,
+        "manifest.json: tokens.eos: expected an integer",
+    ),
 }
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import RequestError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..artifacts import Artifacts
+    from ..artifacts import ArtifactDir
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt")
 
@@ -43,7 +43,7 @@ class Backend(Protocol):
 
 
 def create_backend(
-    art: Artifacts,
+    art: ArtifactDir,
     backend: str = "auto",
     *,
     threads: int | None = None,

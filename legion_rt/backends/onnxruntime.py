@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import BackendError, RequestError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..artifacts import Artifacts
+    from ..artifacts import ArtifactDir
 
 SHORT_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -113,7 +113,7 @@ class OnnxRuntimeBackend:
 
     def __init__(
         self,
-        art: Artifacts,
+        art: ArtifactDir,
         *,
         threads: int | None = None,
         providers=None,
@@ -154,14 +154,14 @@ class OnnxRuntimeBackend:
 
         from .ort_llm import OrtLLM
 
-        self.llm = OrtLLM(self._sessions["llm"], art.manifest)
+        self.llm = OrtLLM(self._sessions["llm"], art.manifest.model, art.manifest.graphs.llm)
 
     @staticmethod
     def _spin(graph: str) -> bool:
         mode = os.environ.get("LEGION_RT_SPIN", "llm")  # "all" | "llm" | "none" (experiments)
         return mode == "all" or (mode == "llm" and graph == "llm")
 
-    def _open_all(self, art: Artifacts, wanted: list[str], *, strict: bool) -> dict:
+    def _open_all(self, art: ArtifactDir, wanted: list[str], *, strict: bool) -> dict:
         sessions = {}
         for graph in self._graphs:
             path = art.graph_path(graph)

@@ -7,7 +7,7 @@ the cache. ``clone_cache`` copies only the filled positions (the shared prompt p
 
 Usage::
 
-    runner = OrtLLM(session_or_path, manifest)   # manifest: the parsed manifest.json (dict)
+    runner = OrtLLM(session_or_path, manifest.model, manifest.graphs.llm)   # typed manifest (legion_rt.manifest)
     cache = runner.new_cache(max_len)            # capacity = prompt + max_new_tokens
     logits, hidden = runner.forward(cache, embeds)   # embeds f32 [1, S, H] -> f32 [V], f32 [H] (last position)
     cache.length                                 # filled positions
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ArtifactError, BackendError, RequestError
+from ..manifest import LlmGraph, ModelInfo
 
 SUPPORTED_KINDS = ("gqa_shared_kv",)
 
@@ -46,43 +47,39 @@ class KVCache:
 
 class OrtLLM:
     """Drives llm.onnx with a KV cache. ``session_or_path``: an onnxruntime.InferenceSession or a path to
-    llm.onnx (then a CPU session is created, ``threads`` intra-op threads). ``manifest``: the artifact manifest
-    dict (reads ``manifest["graphs"]["llm"]``)."""
+    llm.onnx (then a CPU session is created, ``threads`` intra-op threads). ``model`` / ``graph``: the manifest's
+    model sizes and llm graph description."""
 
-    def __init__(self, session_or_path, manifest: dict, *, threads: int | None = None):
+    def __init__(self, session_or_path, model: ModelInfo, graph: LlmGraph, *, threads: int | None = None):
         import onnxruntime as ort
 
         self._ort = ort
-        try:
-            g = manifest["graphs"]["llm"]
-            self.kind = g["kind"]
-            self.num_layers = int(g["num_layers"])
-            self.num_kv_heads = int(g["num_kv_heads"])
-            self.head_dim = int(g["head_dim"])
-            self.hidden_size = int(g["hidden_size"])
-            self.vocab_size = int(g["vocab_size"])
-            self.max_positions = int(g["max_positions"])
-            self.kv_dtype = np.dtype(g["kv_dtype"])
-            self.names = {
-                k: g[k]
-                for k in (
-                    "inputs_embeds",
-                    "seqlens_k",
-                    "total_sequence_length",
-                    "logits",
-                    "hidden",
-                    "past_key",
-                    "past_value",
-                    "present_key",
-                    "present_value",
-                )
-            }
-        except (KeyError, TypeError, ValueError) as err:
-            raise ArtifactError(f"manifest.json: graphs.llm is incomplete or invalid ({err!r})") from None
-        if self.kind not in SUPPORTED_KINDS:
+        if graph.kind not in SUPPORTED_KINDS:
             raise ArtifactError(
-                f"manifest.json: llm graph kind {self.kind!r} is not supported by this runtime"
+                f"manifest.json: llm graph kind {graph.kind!r} is not supported by this runtime"
             )
+        self.kind = graph.kind
+        self.num_layers = model.num_layers
+        self.num_kv_heads = model.num_kv_heads
+        self.head_dim = model.head_dim
+        self.hidden_size = model.hidden_size
+        self.vocab_size = model.vocab_size
+        self.max_positions = model.max_position_embeddings
+        self.kv_dtype = np.dtype(graph.kv_dtype)
+        self.names = {
+            k: getattr(graph, k)
+            for k in (
+                "inputs_embeds",
+                "seqlens_k",
+                "total_sequence_length",
+                "logits",
+                "hidden",
+                "past_key",
+                "past_value",
+                "present_key",
+                "present_value",
+            )
+        }
         if isinstance(session_or_path, (str, os.PathLike)):
             opts = ort.SessionOptions()
             if threads:

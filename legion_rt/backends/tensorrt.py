@@ -31,7 +31,7 @@ import numpy as np
 from ..errors import BackendError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..artifacts import Artifacts
+    from ..artifacts import ArtifactDir
 
 TRT_GRAPHS = ("vision", "sam_encoder", "mask_head")
 PRECISIONS = ("fp16", "int8", "fp8", "int4")
@@ -73,12 +73,12 @@ def _gpu_tag(trt, cudart) -> str:
     return f"{name}-sm{props.major}{props.minor}-trt{trt.__version__}"
 
 
-def engine_dir(art: Artifacts) -> Path:
+def engine_dir(art: ArtifactDir) -> Path:
     trt, cudart = _import_trt()
     return art.root / "tensorrt" / _gpu_tag(trt, cudart)
 
 
-def engines_usable(art: Artifacts) -> bool:
+def engines_usable(art: ArtifactDir) -> bool:
     """True when TensorRT + a GPU are present and engines for this GPU were built in ART. Never raises."""
     try:
         return (engine_dir(art) / "engines.json").is_file()
@@ -86,7 +86,7 @@ def engines_usable(art: Artifacts) -> bool:
         return False
 
 
-def build_engines(art: Artifacts, precision: str = "fp16", *, workspace_gb: float = 8.0, log=print) -> Path:
+def build_engines(art: ArtifactDir, precision: str = "fp16", *, workspace_gb: float = 8.0, log=print) -> Path:
     """Build TensorRT engines for vision, sam_encoder and mask_head on the current GPU. Returns their folder."""
     trt, cudart = _import_trt()
     if precision not in PRECISIONS:
@@ -209,7 +209,7 @@ class TensorRTBackend:
 
     name = "tensorrt"
 
-    def __init__(self, art: Artifacts, *, threads: int | None = None):
+    def __init__(self, art: ArtifactDir, *, threads: int | None = None):
         trt, cudart = _import_trt()
         folder = engine_dir(art)
         meta_path = folder / "engines.json"

@@ -1,0 +1,331 @@
+"""``manifest.json`` of an artifact directory, as typed dataclasses: the one definition of the format.
+
+The export stage builds a ``Manifest`` from these types and writes ``manifest.to_json()``; the runtime parses it
+once with ``Manifest.from_json`` (every field type-checked, one ``ArtifactError`` line naming the key at fault) and
+passes the typed object on. Format and field meanings: docs/FORMAT.md "manifest.json".
+
+Format version 2 (version 1 repeated the model sizes under ``graphs.llm`` and carried ``dtypes`` and ``text``
+blocks that nothing read; a version-1 directory is refused with "re-export").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ArtifactError
+
+FORMAT_NAME = "legion_rt.artifacts"
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)
+REQUIRED_GRAPHS = ("vision", "sam_encoder", "mask_head", "llm")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+LLM_GRAPH_KINDS = ("gqa_shared_kv",)
+IMAGE_TOKEN_INDEX = -200  # the placeholder id LLaVA's tokenizer_image_token puts where the image goes
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Sizes of the exported model (the LLM's, CLIP's and SAM's)."""
+
+    name: str  # registry size ("tiny", "small", "legion-7b") or "checkpoint"
+    hidden_size: int  # H
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int  # KVH
+    head_dim: int  # D
+    intermediate_size: int
+    vocab_size: int  # V
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    clip_hidden_size: int  # Cv
+    num_image_tokens: int  # 576 for CLIP ViT-L/14-336
+    sam_embed_dim: int  # 256
+    sam_embedding_hw: tuple[int, int]  # (64, 64)
+    low_res_hw: tuple[int, int]  # (256, 256)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Ids of the special and added tokens."""
+
+    bos: int
+    eos: int
+    unk: int
+    pad: int
+    im_start: int
+    im_end: int
+    bbox: int
+    point: int
+    seg: int
+    p_start: int
+    p_end: int
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The prompt's token ids around the image: prefix (BOS first), 576 image embeddings, suffix."""
+
+    prefix_ids: tuple[int, ...]
+    suffix_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """One model's input picture: a ``size`` square after resizing, then (x / 255 - mean) / std per channel
+    (CLIP) or (x - mean) / std on 0..255 values (SAM); see legion_rt.ops.preprocess."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    clip: Normalization  # shortest side to ``size`` (bicubic), centre crop ``size`` x ``size``
+    sam: Normalization  # longest side to ``size`` (bilinear), pad to ``size`` x ``size``
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``legion_rt.ops.preprocess``."""
+        return {
+            "clip_size": self.clip.size,
+            "clip_crop": (self.clip.size, self.clip.size),
+            "clip_mean": self.clip.mean,
+            "clip_std": self.clip.std,
+            "sam_size": self.sam.size,
+            "sam_mean": self.sam.mean,
+            "sam_std": self.sam.std,
+        }
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One ONNX graph file. ``precision``: the precision its weights are stored in."""
+
+    file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    precision: str = "fp32"
+    exporter: str = ""  # how it was made ("dynamo", "torchscript", "hand-built")
+
+
+@dataclass(frozen=True)
+class LlmGraph(Graph):
+    """llm.onnx: how the runtime drives it (legion_rt/backends/ort_llm.py). Tensor names with ``{i}`` are per layer.
+
+    ``kind`` "gqa_shared_kv": ONNX Runtime's GroupQueryAttention writes K/V in place into the one buffer bound as
+    both ``past_*`` input and ``present_*`` output; ``seqlens_k`` = filled positions - 1, ``total_sequence_length``
+    = filled positions (both after the call)."""
+
+    kind: str = "gqa_shared_kv"
+    kv_dtype: str = "float32"  # "float32" | "float16"
+    inputs_embeds: str = "inputs_embeds"
+    seqlens_k: str = "seqlens_k"
+    total_sequence_length: str = "total_sequence_length"
+    logits: str = "logits"
+    hidden: str = "hidden"
+    past_key: str = "past_key_values.{i}.key"
+    past_value: str = "past_key_values.{i}.value"
+    present_key: str = "present.{i}.key"
+    present_value: str = "present.{i}.value"
+    external_data: str | None = None  # the weights file next to llm.onnx when the graph passes 2 GB
+
+
+@dataclass(frozen=True)
+class Graphs:
+    vision: Graph  # pixel_values f32 [B,3,336,336] -> image_embeds f32 [B,576,H] (+ cls_logits f32 [B,2])
+    sam_encoder: Graph  # pixel_values f32 [1,3,1024,1024] -> image_embeddings f32 [1,256,64,64]
+    mask_head: Graph  # seg_hidden f32 [N,H], image_embeddings -> low_res_masks f32 [N,256,256]
+    llm: LlmGraph
+
+    def items(self) -> list[tuple[str, Graph]]:
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The whole manifest.json. ``files`` lists every file of the directory but manifest.json itself (relative
+    POSIX paths); ``producer`` (versions of the exporting libraries) and ``verification`` (what the export
+    measured per graph) are records for people, not read by the runtime."""
+
+    precision: str  # the LLM's weights: "fp32" | "fp16" | "int8" | "int4"
+    model: ModelInfo
+    tokens: TokenIds
+    prompt: Prompt
+    preprocess: Preprocess
+    detector: bool  # the vision graph has the cls_logits output
+    graphs: Graphs
+    files: dict[str, FileEntry]
+    producer: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def prompt_length(self) -> int:
+        """Positions the prompt takes: prefix + image tokens + suffix."""
+        return len(self.prompt.prefix_ids) + self.model.num_image_tokens + len(self.prompt.suffix_ids)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document (format and version first)."""
+        doc = _to_json(self)
+        return {"format": doc.pop("format"), "format_version": doc.pop("format_version"), **doc}
+
+    @classmethod
+    def from_json(cls, doc: Any, where: str = "manifest.json") -> Manifest:
+        """Parse and validate ``doc`` (the loaded JSON). Raises ``ArtifactError`` "``where``: key: problem"."""
+        if not isinstance(doc, dict):
+            raise ArtifactError(f"{where}: not a JSON object")
+        if doc.get("format") != FORMAT_NAME:
+            raise ArtifactError(f"{where}: format is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
+        version = doc.get("format_version")
+        if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:  # not True, 2.0 or "2"
+            raise ArtifactError(
+                f"{where}: unknown format_version {version!r} (this legion_rt reads "
+                f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export with this version"
+            )
+        m = _parse(cls, doc, where, "")
+        m.validate(where)
+        return m
+
+    def validate(self, where: str = "manifest.json") -> None:
+        """Cross-field checks the types alone do not make."""
+
+        def bad(key: str, msg: str) -> ArtifactError:
+            return ArtifactError(f"{where}: {key}: {msg}")
+
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name, g in self.graphs.items():
+            if g.precision not in PRECISIONS:
+                raise bad(
+                    f"graphs.{name}.precision", f"{g.precision!r} is not one of {', '.join(PRECISIONS)}"
+                )
+            if g.file not in self.files:
+                raise bad(f"graphs.{name}.file", f"{g.file!r} is not listed (with a hash) under 'files'")
+        llm = self.graphs.llm
+        if llm.kind not in LLM_GRAPH_KINDS:
+            raise bad("graphs.llm.kind", f"{llm.kind!r} is not supported by this runtime")
+        if llm.kv_dtype not in ("float32", "float16"):
+            raise bad("graphs.llm.kv_dtype", f"{llm.kv_dtype!r} must be float32 or float16")
+        m = self.model
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
+            if getattr(m, key) < 1:
+                raise bad(f"model.{key}", f"{getattr(m, key)} must be >= 1")
+        if m.num_heads % m.num_kv_heads:
+            raise bad("model.num_kv_heads", f"{m.num_kv_heads} does not divide num_heads {m.num_heads}")
+        if self.prompt_length >= m.max_position_embeddings:
+            raise bad(
+                "model.max_position_embeddings",
+                f"{m.max_position_embeddings} leaves no room after the {self.prompt_length}-position prompt",
+            )
+        for key, ids in (
+            ("prompt.prefix_ids", self.prompt.prefix_ids),
+            ("prompt.suffix_ids", self.prompt.suffix_ids),
+            ("tokens", tuple(_to_json(self.tokens).values())),
+        ):
+            out = [i for i in ids if not 0 <= i < m.vocab_size]  # a negative id would index from the end
+            if out:
+                raise bad(key, f"token id {out[0]} outside [0, {m.vocab_size})")
+        if not self.prompt.prefix_ids:
+            raise bad("prompt.prefix_ids", "empty (the prompt starts with BOS)")
+        for name, entry in self.files.items():
+            if entry.bytes < 0:
+                raise bad(f"files.{name}.bytes", "must be >= 0")
+        for norm, key in ((self.preprocess.clip, "clip"), (self.preprocess.sam, "sam")):
+            if norm.size < 1 or any(s == 0 for s in norm.std):
+                raise bad(f"preprocess.{key}", "size must be >= 1 and std non-zero")
+
+
+# ------------------------------------------------------------------------------------- generic (de)serialisation
+
+
+def _to_json(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [_to_json(v) for v in obj]
+    return obj
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _parse(tp: Any, value: Any, where: str, key: str) -> Any:
+    """``value`` (from JSON) as type ``tp``; ``key`` is the dotted path for the error message."""
+
+    def bad(expected: str) -> ArtifactError:
+        shown = repr(value) if len(repr(value)) <= 40 else type(value).__name__
+        return ArtifactError(f"{where}: {key or '(top level)'}: expected {expected}, got {shown}")
+
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad("an object")
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            sub = f"{key}.{f.name}" if key else f.name
+            if f.name in value:
+                kwargs[f.name] = _parse(_hints(tp)[f.name], value[f.name], where, sub)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ArtifactError(f"{where}: {sub}: missing")
+        return tp(**kwargs)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse(inner, value, where, key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise bad("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_parse(args[0], v, where, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad(f"a list of {len(args)}")
+        return tuple(
+            _parse(a, v, where, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise bad("an object")
+        return {str(k): _parse(vt, v, where, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if type(value) is not bool:
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if type(value) is not int:  # a bool is an int to isinstance; 2.0 is not an id
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if type(value) not in (int, float):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise TypeError(f"manifest field type {tp!r} is not handled")  # pragma: no cover - a bug in this file
