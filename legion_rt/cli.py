@@ -1,4 +1,6 @@
-"""``legion-rt`` command line (also ``python -m legion_rt``). Commands and exit status: /work/shared/CONTRACT.md.
+"""``legion-rt`` command line (also ``python -m legion_rt``): the parser and the dispatch to each command.
+Commands, options and exit status: docs/CONTRACT.md "Command line". Analyze runs are in legion_rt/analyze.py,
+output files in legion_rt/outputs.py and legion_rt/overlay.py, the demo's bootstrapping in legion_rt/demo.py.
 
 Exit 0 on success, 2 on a usage error (bad option or value), 1 on any other failure; expected failures print one
 line ``legion-rt: error: ...`` on stderr naming the file or value, never a traceback (set LEGION_RT_DEBUG=1 to
@@ -13,28 +15,21 @@ rasterization; ``serve`` (legion_rt/serve.py) uses the standard library only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError, ImageError, LegionError, RequestError
+from .analyze import decode_all, run_analyze
+from .demo import cache_dir, demo_picture, ensure_tiny_artifacts, export_module
+from .errors import LegionError, RequestError, UsageError
+from .outputs import check_output_paths, info
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(LegionError):
-    """A bad command-line value (exit 2)."""
-
-
 def _err(msg: str) -> None:
     print(f"legion-rt: error: {msg}", file=sys.stderr, flush=True)
-
-
-def _info(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,35 +66,9 @@ _probability = _ranged(float, 0, 1)
 _nonneg_float = _ranged(float, 0)
 
 
-def import_export():
-    """The export package: ``legion_rt.export`` (wheel) or top-level ``export`` (source checkout)."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise LegionError(
-            "this command needs the export stage (torch, transformers, onnx): pip install 'legion_rt[export]'"
-        ) from None
-    import importlib
-
-    for name in ("legion_rt.export", "export"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "__path__") and (Path(next(iter(mod.__path__))) / "onnx_export.py").is_file():
-            return name
-    raise LegionError("the export package is not installed (pip install 'legion_rt[export]')")
-
-
-def _export_module(sub: str):
-    import importlib
-
-    return importlib.import_module(f"{import_export()}.{sub}")
-
-
 # --------------------------------------------------------------------------------------------- commands
 def cmd_export(args) -> int:
-    onnx_export = _export_module("onnx_export")
+    onnx_export = export_module("onnx_export")
     onnx_export.export_artifacts(
         checkpoint=args.checkpoint,
         clip=args.clip,
@@ -115,118 +84,10 @@ def cmd_export(args) -> int:
 def cmd_make_tiny(args) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a directory")
-    tiny = _export_module("tiny")
+    tiny = export_module("tiny")
     paths = tiny.make_tiny(args.out, seed=args.seed, size=args.size, steer=args.steer)
     print(f"checkpoint: {paths.checkpoint}\nclip: {paths.clip}\ndetector: {paths.detector}")
     return EXIT_OK
-
-
-def _stream_one(engine, image, rgb, opts: dict[str, Any], *, quiet: bool, show_text: bool):
-    """Run one picture, printing the answer text as it is generated. Returns the Result."""
-    from .engine import DoneEvent, MaskEvent, TokenEvent
-
-    result = None
-    mid_line = False  # the streamed text has no newline yet
-    printed = False
-    try:
-        events = engine.stream(rgb, **opts)  # checks the picture's geometry before any work
-    except ImageError as e:  # it names the array it was given: name the file instead
-        raise ImageError(f"{image}: {str(e).split(': ', 1)[-1]}") from None
-    for ev in events:
-        if isinstance(ev, TokenEvent):
-            text = (
-                ev.text if printed else ev.text.lstrip()
-            )  # the answer's first piece carries a leading space
-            if show_text and text:
-                printed = True
-                sys.stdout.write(text)
-                sys.stdout.flush()
-                mid_line = True
-        elif isinstance(ev, MaskEvent):
-            if not quiet:
-                if mid_line:
-                    sys.stdout.write("\n")
-                    sys.stdout.flush()
-                    mid_line = False
-                a = ev.artifact
-                _info(f"[mask {a.index + 1}] {a.phrase or '(no phrase)'}: bbox {a.bbox}, {a.area} px")
-        elif isinstance(ev, DoneEvent):
-            result = ev.result
-    if mid_line:
-        sys.stdout.write("\n")
-    return result
-
-
-def _summary(name: str, result) -> str:
-    v = (
-        "no detector"
-        if result.verdict is None
-        else f"{result.verdict} (P(fake) = {result.fake_probability:.4f})"
-    )
-    t = result.timings
-    if result.skipped:
-        return f"{name}: {v}; explanation skipped (detect-first gate: P(real) at or over --skip-if-real)"
-    return (
-        f"{name}: {v}; {len(result.token_ids)} tokens, {len(result.artifacts)} masks; "
-        f"total {t['total']:.2f} s (first token {t.get('time_to_first_token', float('nan')):.3f} s)"
-    )
-
-
-def _printable(path) -> str:
-    """A file name as valid Unicode: a non-UTF-8 name (surrogate escapes in ``str``) shows its bytes as ``\\xff``."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _numbered(path: Path, stem: str, multi: bool) -> Path:
-    return path.with_name(f"{path.stem}-{stem}{path.suffix}") if multi else path
-
-
-def decode_all(images: list[str], max_pixels: int | None = None) -> list:
-    """Decode every picture up front: a bad one fails the command before a model is loaded or a file written."""
-    from .image import DEFAULT_MAX_PIXELS, load_image
-
-    return [load_image(p, max_pixels=max_pixels or DEFAULT_MAX_PIXELS) for p in images]
-
-
-def run_analyze(
-    engine,
-    images: list[str],
-    rgbs: list,
-    *,
-    json_path,
-    overlay_path,
-    masks_dir,
-    opts,
-    quiet: bool,
-    show_text=True,
-) -> list:
-    from .overlay import atomic_write_json, write_masks, write_overlay
-
-    results = []
-    multi = len(images) > 1
-    for path, rgb in zip(images, rgbs, strict=True):
-        if multi and show_text:
-            _info(f"== {path}")
-        result = _stream_one(engine, path, rgb, opts, quiet=quiet, show_text=show_text)
-        results.append(result)
-        if not quiet:
-            _info(_summary(path, result))
-        stem = Path(path).stem
-        if overlay_path:
-            target = _numbered(Path(overlay_path), stem, multi)
-            out = _write(target, write_overlay, target, rgb, result)
-            if not quiet:
-                _info(f"overlay: {out}")
-        if masks_dir:
-            outs = _write(masks_dir, write_masks, masks_dir, result, stem=stem)
-            if not quiet:
-                _info(f"masks: {len(outs)} PNG files in {masks_dir}")
-    if json_path:
-        docs = [{"image": _printable(p), **r.to_dict()} for p, r in zip(images, results, strict=True)]
-        _write(json_path, atomic_write_json, json_path, docs[0] if not multi else docs)
-        if not quiet:
-            _info(f"json: {json_path}")
-    return results
 
 
 def engine_from_args(args):
@@ -253,41 +114,12 @@ def _request_opts(args) -> dict[str, Any]:
     }
 
 
-def check_output_paths(*, json_path=None, overlay_path=None, masks_dir=None) -> None:
-    """Refuse output paths that cannot be written before any work is done (a missing parent directory is
-    created when writing, as before). Raises UsageError naming the option and path."""
-    for opt, path in (("--json", json_path), ("--overlay", overlay_path)):
-        if not path:
-            continue
-        p = Path(path)
-        if p.is_dir():
-            raise UsageError(f"{opt} {path}: is a directory; give a file name")
-        parent = next((a for a in p.parents if a.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise UsageError(f"{opt} {path}: {parent} is not a directory")
-    if overlay_path and Path(overlay_path).suffix.lower() != ".png":
-        raise UsageError(f"--overlay {overlay_path}: the overlay is written as PNG; give a .png file name")
-    if masks_dir:
-        p = Path(masks_dir)
-        blocker = next((a for a in (p, *p.parents) if a.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise UsageError(f"--masks-dir {masks_dir}: {blocker} is not a directory")
-
-
-def _write(path, writer, *args, **kwargs):
-    """``writer(*args, **kwargs)``; an OS error (disk full, permission) becomes one line naming the file."""
-    try:
-        return writer(*args, **kwargs)
-    except OSError as e:
-        raise LegionError(f"{path}: cannot write ({e.strerror or e})") from None
-
-
 def cmd_analyze(args) -> int:
     check_output_paths(json_path=args.json, overlay_path=args.overlay, masks_dir=args.masks_dir)
     rgbs = decode_all(args.images)
     engine = engine_from_args(args)
     if not args.quiet:
-        _info(f"backend: {engine.backend_name} ({', '.join(engine.providers)})")
+        info(f"backend: {engine.backend_name} ({', '.join(engine.providers)})")
     run_analyze(
         engine,
         args.images,
@@ -301,50 +133,6 @@ def cmd_analyze(args) -> int:
     return EXIT_OK
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LEGION_RT_CACHE") or Path.home() / ".cache" / "legion_rt")
-
-
-def demo_picture() -> Path:
-    return Path(__file__).resolve().parent / "assets" / "demo.jpg"
-
-
-def ensure_tiny_artifacts(cache: Path, *, seed: int = 0, size: str = "tiny", quiet: bool = False) -> Path:
-    """make-tiny + export into ``cache`` once; later calls reuse it (rebuilt when verification fails)."""
-    from .artifacts import load_artifacts
-
-    art = cache / f"{size}-seed{seed}-art"
-    try:
-        load_artifacts(art, verify="full")
-        return art
-    except ArtifactError:
-        pass
-    ckpt = cache / f"{size}-seed{seed}"
-    record = ckpt / "make_tiny.json"  # written last: its presence means the checkpoint is complete
-    if not record.is_file():
-        if not quiet:
-            _info(f"making a tiny random-weight checkpoint in {ckpt} ...")
-        tiny = _export_module("tiny")
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
-        paths = tiny.make_tiny(ckpt, seed=seed, size=size)
-        doc = {
-            k: (None if getattr(paths, k) is None else str(getattr(paths, k)))
-            for k in ("checkpoint", "clip", "detector")
-        }
-        record.write_text(json.dumps(doc))
-    doc = json.loads(record.read_text())
-    if not quiet:
-        _info(f"exporting it to {art} ...")
-    onnx_export = _export_module("onnx_export")
-    if art.exists() and not (art / "manifest.json").is_file():
-        shutil.rmtree(art)
-    onnx_export.export_artifacts(
-        checkpoint=doc["checkpoint"], clip=doc["clip"], detector=doc["detector"], out=art, progress=not quiet
-    )
-    return art
-
-
 def cmd_demo(args) -> int:
     from .engine import Engine
 
@@ -354,7 +142,7 @@ def cmd_demo(args) -> int:
     picture = Path(args.image) if args.image else demo_picture()
     out = Path(args.out)
     if not args.quiet:
-        _info(f"analyzing {picture} on ONNX Runtime ({', '.join(engine.providers)}); streamed answer:")
+        info(f"analyzing {picture} on ONNX Runtime ({', '.join(engine.providers)}); streamed answer:")
     opts = {"max_new_tokens": args.max_new_tokens}
     run_analyze(
         engine,
@@ -368,7 +156,7 @@ def cmd_demo(args) -> int:
     )
     print(f"demo outputs in {out.resolve()}: result.json, overlay.png, masks/")
     if art.parent == cache and not args.quiet:
-        _info(
+        info(
             "(the tiny model has random weights: its text is random. For a real checkpoint run "
             "`legion-rt export --checkpoint CKPT --clip CLIP --out ART` then `legion-rt analyze IMAGE --artifacts ART`.)"
         )
@@ -391,7 +179,7 @@ def cmd_build_engines(args) -> int:
             count = 0
         if not count:
             raise LegionError("build-engines needs an NVIDIA GPU: no CUDA device is visible")
-    out = trt_backend.build_engines(art, args.precision, log=_info)
+    out = trt_backend.build_engines(art, args.precision, log=info)
     print(f"engines: {out}")
     return EXIT_OK
 

@@ -30,12 +30,12 @@ import numpy as np
 from .admission import Admission
 from .artifacts import ArtifactDir, load_artifacts, sha256_file
 from .decode import DecodeOptions
+from .detokenizer import Detokenizer
 from .errors import ArtifactError, ImageError, RequestError
 from .image import DEFAULT_MAX_PIXELS, describe, load_image
 from .request import STAGES as _STAGES  # noqa: F401  (kept importable from here)
 from .request import Request
 from .result import Artifact, DoneEvent, MaskEvent, Result, TokenEvent
-from .text import Detokenizer
 
 __all__ = ["Artifact", "DoneEvent", "Engine", "MaskEvent", "Request", "Result", "TokenEvent"]
 

@@ -24,6 +24,10 @@ class RequestError(LegionError, ValueError):
     """A request option is out of range or inconsistent (max_new_tokens, thresholds, backend name...)."""
 
 
+class UsageError(LegionError):
+    """A bad command-line value (the CLI exits 2)."""
+
+
 class BackendError(LegionError):
     """An inference backend cannot be created or failed while running (provider missing, TensorRT absent)."""
 

@@ -1,16 +1,15 @@
-"""Overlay pictures and mask PNGs for a ``Result``, and atomic file writing (temp file + rename, so a failure
-never leaves a partial file behind)."""
+"""Pictures a person looks at: the overlay (masks tinted, boxes drawn) and one PNG per mask of a ``Result``.
+Files are written atomically (legion_rt/outputs.py)."""
 
 from __future__ import annotations
 
 import io
-import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from .outputs import atomic_write_bytes, atomic_write_json  # noqa: F401  (old import path)
 
 # Distinct, colour-blind-friendly tints (Okabe-Ito), one per artifact in order.
 PALETTE = [
@@ -22,33 +21,6 @@ PALETTE = [
     (213, 94, 0),
     (204, 121, 167),
 ]
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def png_bytes(rgb_or_gray: np.ndarray) -> bytes:

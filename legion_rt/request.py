@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .answer import pair_phrases, postprocess_text
 from .decode import DecodeOptions, Decoder, Step
 from .errors import DeadlineError
 from .result import Artifact, DoneEvent, MaskEvent, Result, TokenEvent
-from .text import pair_phrases, postprocess_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine

@@ -86,14 +86,14 @@ def make_handler(engine, *, max_body_bytes: int = MAX_BODY_BYTES, read_timeout_s
         def do_GET(self):  # noqa: N802 (http.server naming)
             if urlparse(self.path).path != "/health":
                 return self._json(404, {"error": f"no such endpoint: {self.path}"})
-            m = engine.art.model
+            m = engine.manifest.model
             self._json(
                 200,
                 {
                     "status": "ok",
                     "backend": engine.backend_name,
                     "providers": engine.providers,
-                    "model": {k: m.get(k) for k in ("name", "hidden_size", "num_layers", "vocab_size")},
+                    "model": {k: getattr(m, k) for k in ("name", "hidden_size", "num_layers", "vocab_size")},
                     "detector": engine.has_detector,
                 },
             )
