@@ -65,7 +65,7 @@ def _import_trt():
         import tensorrt as trt
     except ImportError:
         raise BackendError(
-            "TensorRT is not installed (pip install 'legion_rt[tensorrt,cuda12]' on a machine with an NVIDIA GPU, "
+            "TensorRT is not installed (pip install 'legion_rt[tensorrt-cu12]' or '[tensorrt-cu13]' to match the driver, "
             "or JetPack's TensorRT on Jetson); use --backend onnxruntime"
         ) from None
     check_trt_version(trt)
