@@ -387,3 +387,28 @@ def test_export_refuses_cleanly_when_memory_is_short(tmp_path, tiny_paths):
     with pytest.raises(ExportError, match=r"--precision fp16 needs about"):
         export_artifacts(checkpoint=tiny_paths.checkpoint, clip=tiny_paths.clip, out=out, progress=False,
                          memory_limit=(need16 + need32) // 2)  # fmt: skip
+
+
+def test_unsupported_llm_head_size_is_refused_before_any_work(tmp_path, tiny_paths):
+    """ONNX Runtime's CPU GroupQueryAttention needs a head size that is a multiple of 16: a checkpoint with head
+    size 8 is refused up front in one line, not at verification after the whole export."""
+    import time
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in Path(tiny_paths.checkpoint).iterdir():
+        (ckpt / f.name).symlink_to(f.resolve())
+    (ckpt / "config.json").unlink()
+    cfg = json.loads((Path(tiny_paths.checkpoint) / "config.json").read_text())
+    assert cfg["hidden_size"] == 64
+    cfg["num_attention_heads"] = cfg["num_key_value_heads"] = 8  # head size 8; the weight shapes still fit
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "art"
+    t0 = time.perf_counter()
+    with pytest.raises(ExportError) as info:
+        export_artifacts(checkpoint=ckpt, clip=tiny_paths.clip, out=out, progress=False)
+    assert time.perf_counter() - t0 < 5
+    msg = str(info.value)
+    assert "config.json: head size 8 is not a multiple of 16" in msg and "GroupQueryAttention" in msg
+    assert "\n" not in msg
+    assert not out.exists() and _leftovers(tmp_path, "art") == []

@@ -351,3 +351,13 @@ def test_device_cache_without_cuda_python_goes_through_the_host_with_a_warning(t
     clone = runner.clone_cache(cache, 9)
     for v in clone.ort_keys + clone.ort_values:
         assert np.all(v.arr[:, :, :4] == 1) and not np.any(v.arr[:, :, 4:])
+
+
+@pytest.mark.parametrize("hidden,heads", [(32, 4), (96, 4)])  # head sizes 8 and 24
+def test_head_size_not_a_multiple_of_16_is_refused(tmp_path, hidden, heads):
+    from export.onnx_llm import ExportError
+
+    model = _llama(10, hidden=hidden, heads=heads, kv_heads=2)
+    with pytest.raises(ExportError, match=f"head size {hidden // heads} is not a multiple of 16"):
+        build_llm_graph(model, tmp_path / "llm.onnx")
+    assert not (tmp_path / "llm.onnx").exists()
