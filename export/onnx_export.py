@@ -48,7 +48,13 @@ from legion_rt.manifest import (
     TokenIds,
 )
 
-from .onnx_llm import EXTERNAL_DATA_THRESHOLD, ExportError, build_llm_graph, llm_model_info
+from .onnx_llm import (
+    EXTERNAL_DATA_THRESHOLD,
+    ExportError,
+    build_llm_graph,
+    check_checkpoint_head_dim,
+    llm_model_info,
+)
 
 __all__ = ["ExportError", "export_artifacts", "TOLERANCES", "FORMAT_VERSION"]
 
@@ -839,7 +845,8 @@ def export_artifacts(
         raise ExportError(
             f"{out}: exists and is not an artifact directory (no manifest.json); not overwriting"
         )
-    # Refuse early, with a message, rather than be killed by the kernel after minutes of loading.
+    # Refuse early, with a message, rather than fail at verification / be killed by the kernel after minutes.
+    check_checkpoint_head_dim(checkpoint)
     check_export_memory(checkpoint, clip, detector, precision=precision, verify=verify, limit=memory_limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

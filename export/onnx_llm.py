@@ -79,6 +79,36 @@ def llm_model_info(
     )
 
 
+# ONNX Runtime's CPU GroupQueryAttention refuses other head sizes at the first run ("head_size shall be a multiple
+# of 16", measured with onnxruntime 1.32: 8, 12, 20, 24, 40 refused; 16, 32, 48, 64, 128 run). The export verifies
+# llm.onnx on the CPU provider, so such a model would fail only after the whole export.
+GQA_HEAD_SIZE_MULTIPLE = 16
+
+
+def check_llm_head_dim(head_dim: int, where: str = "LLM") -> None:
+    """ExportError (one line) when ONNX Runtime's GroupQueryAttention cannot run heads of ``head_dim``."""
+    if head_dim <= 0 or head_dim % GQA_HEAD_SIZE_MULTIPLE:
+        raise ExportError(
+            f"{where}: head size {head_dim} is not a multiple of {GQA_HEAD_SIZE_MULTIPLE}, which ONNX Runtime's "
+            "GroupQueryAttention (CPU) requires; this LLM cannot be exported"
+        )
+
+
+def check_checkpoint_head_dim(checkpoint_dir) -> None:
+    """``check_llm_head_dim`` from the checkpoint's config.json alone (no weights read). A missing or incomplete
+    config.json is left to the loader, which names what is wrong."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        return
+    from .config import read_json
+
+    cfg = read_json(path)
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0:
+        return
+    check_llm_head_dim(int(cfg.get("head_dim") or hidden // heads), f"{path}")
+
+
 def rope_theta_of(config) -> float:
     """rope theta from a transformers 4.x (``rope_theta``) or 5.x (``rope_parameters``) LlamaConfig."""
     params = getattr(config, "rope_parameters", None) or {}
@@ -202,6 +232,7 @@ def build_llm_graph(
     P = int(max_positions or cfg.max_position_embeddings)
     if D % 2:
         raise ExportError(f"head_dim {D} is odd: rotary embeddings need an even head size")
+    check_llm_head_dim(D)
 
     out_path = Path(out_path)
     np_dtype = np.float16 if precision == "fp16" else np.float32

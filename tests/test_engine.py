@@ -189,6 +189,8 @@ def test_timings_and_fields(engine, tmp_path):
         assert k in res.timings and res.timings[k] >= 0.0
     assert res.timings["total"] >= res.timings["prefill"]
     assert 1 <= len(res.token_ids) <= 8
+    if res.artifacts:  # the SAM encoder ran for the masks: its time is measured, not left at 0
+        assert res.timings["sam_encoder"] > 0.0 and res.timings["masks"] > 0.0
     assert res.label in (0, 1) and res.verdict == ("real" if res.label == 1 else "fake")
     assert 0.0 <= res.fake_probability <= 1.0
     z = np.asarray(res.cls_logits)

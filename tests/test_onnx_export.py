@@ -163,7 +163,8 @@ def test_llm_runner_on_the_artifact_greedy_matches_eager(tiny_artifacts, manifes
     then 40 greedy steps; tokens identical to eager transformers, logits/hidden within tolerance."""
     from transformers import DynamicCache
 
-    runner = OrtLLM(tiny_artifacts / "llm.onnx", manifest, threads=1)
+    typed = Manifest.from_json(manifest)
+    runner = OrtLLM(tiny_artifacts / "llm.onnx", typed.model, typed.graphs.llm, threads=1)
     table = np.load(tiny_artifacts / "embed_tokens.npy")
     prefix, suffix = manifest["prompt"]["prefix_ids"], manifest["prompt"]["suffix_ids"]
     px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(13))
@@ -394,3 +395,28 @@ def test_export_refuses_cleanly_when_memory_is_short(tmp_path, tiny_paths):
     with pytest.raises(ExportError, match=r"--precision fp16 needs about"):
         export_artifacts(checkpoint=tiny_paths.checkpoint, clip=tiny_paths.clip, out=out, progress=False,
                          memory_limit=(need16 + need32) // 2)  # fmt: skip
+
+
+def test_unsupported_llm_head_size_is_refused_before_any_work(tmp_path, tiny_paths):
+    """ONNX Runtime's CPU GroupQueryAttention needs a head size that is a multiple of 16: a checkpoint with head
+    size 8 is refused up front in one line, not at verification after the whole export."""
+    import time
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in Path(tiny_paths.checkpoint).iterdir():
+        (ckpt / f.name).symlink_to(f.resolve())
+    (ckpt / "config.json").unlink()
+    cfg = json.loads((Path(tiny_paths.checkpoint) / "config.json").read_text())
+    assert cfg["hidden_size"] == 64
+    cfg["num_attention_heads"] = cfg["num_key_value_heads"] = 8  # head size 8; the weight shapes still fit
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "art"
+    t0 = time.perf_counter()
+    with pytest.raises(ExportError) as info:
+        export_artifacts(checkpoint=ckpt, clip=tiny_paths.clip, out=out, progress=False)
+    assert time.perf_counter() - t0 < 5
+    msg = str(info.value)
+    assert "config.json: head size 8 is not a multiple of 16" in msg and "GroupQueryAttention" in msg
+    assert "\n" not in msg
+    assert not out.exists() and _leftovers(tmp_path, "art") == []

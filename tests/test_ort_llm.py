@@ -234,3 +234,133 @@ def test_unsupported_llm_configs_raise_export_error(tmp_path):
     model = _llama(7)
     with pytest.raises(ExportError, match="precision"):
         build_llm_graph(model, tmp_path / "llm.onnx", precision="int4")
+
+
+# ------------------------------------------------------------------------- KV cache in device memory
+class _DeviceValue:
+    """Stands in for an OrtValue in CUDA memory: the bytes live in host memory registered with the stand-in
+    cudart (so its copies/memsets really act on them), and any host round trip fails the test."""
+
+    def __init__(self, shape, dtype, rt):
+        self.arr = np.empty(shape, dtype=dtype)
+        self.arr.view(np.uint8)[...] = 0xAB  # device memory comes uninitialized
+        rt.memory[self.arr.ctypes.data] = self.arr.view(np.uint8).reshape(-1)
+
+    def data_ptr(self):
+        return self.arr.ctypes.data
+
+    def numpy(self):
+        raise AssertionError("device KV buffer copied through the host")
+
+    def update_inplace(self, array):
+        raise AssertionError("device KV buffer uploaded from the host")
+
+
+def _device_runner(tmp_path, rt):
+    from types import SimpleNamespace
+
+    from legion_rt.backends.cuda_rt import CudaRuntime
+
+    runner = _runner(_llama(8, layers=3), tmp_path)
+    made = []
+
+    def from_shape_and_type(shape, element_type, device, device_id):
+        assert (device, device_id) == ("cuda", 1)
+        made.append(_DeviceValue(shape, element_type, rt))
+        return made[-1]
+
+    runner._ort = SimpleNamespace(OrtValue=SimpleNamespace(ortvalue_from_shape_and_type=from_shape_and_type))
+    runner.device, runner.device_id, runner.kv_dtype = "cuda", 1, np.dtype(np.float16)
+    runner._cuda, runner._cuda_stream = CudaRuntime(rt), 77
+    return runner
+
+
+def test_device_cache_is_zeroed_on_the_device(tmp_path):
+    from tests.cuda_standin import FakeCudart
+
+    rt = FakeCudart()
+    runner = _device_runner(tmp_path, rt)
+    cache = runner.new_cache(10)
+    values = cache.ort_keys + cache.ort_values
+    assert len(values) == 6 and cache.keys == [None] * 3
+    for v in values:
+        assert v.arr.dtype == np.float16 and v.arr.shape == (1, runner.num_kv_heads, 10, runner.head_dim)
+        assert not np.any(v.arr.view(np.uint16))  # every byte zero, not the 0xAB garbage
+    sets = [c for c in rt.calls if c[0] == "cudaMemsetAsync"]
+    assert len(sets) == 6 and all(c[2] == 0 and c[3] == values[0].arr.nbytes and c[4] == 77 for c in sets)
+    assert rt.names()[-1] == "cudaStreamSynchronize"  # done before ONNX Runtime's stream reads the buffers
+
+
+def test_device_clone_copies_only_the_prefix_device_to_device(tmp_path):
+    from tests.cuda_standin import FakeCudart
+
+    rt = FakeCudart()
+    runner = _device_runner(tmp_path, rt)
+    src = runner.new_cache(12)
+    rng = np.random.default_rng(8)
+    for v in src.ort_keys + src.ort_values:  # what forward() would have written: 7 filled positions
+        v.arr[:, :, :7] = rng.standard_normal(v.arr[:, :, :7].shape)
+        v.arr[:, :, 7:] = 5  # beyond the filled length: must not be copied
+    src.length = 7
+    rt.calls.clear()
+    dst = runner.clone_cache(src, 30)
+    copies = [c for c in rt.calls if c[0] == "cudaMemcpy2DAsync"]
+    assert len(copies) == 2 * runner.num_layers  # one per layer and K/V
+    itemsize, d = 2, runner.head_dim
+    for c in copies:
+        _, _dst, dpitch, _src, spitch, width, height, kind, stream = c
+        assert (dpitch, spitch, width) == (30 * d * itemsize, 12 * d * itemsize, 7 * d * itemsize)
+        assert height == runner.num_kv_heads and stream == 77
+        assert kind == rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+    for s, t in zip(src.ort_keys + src.ort_values, dst.ort_keys + dst.ort_values, strict=True):
+        np.testing.assert_array_equal(t.arr[:, :, :7], s.arr[:, :, :7])
+        assert not np.any(t.arr[:, :, 7:])
+    assert dst.length == 7 and dst.max_len == 30
+
+
+def test_device_cache_without_cuda_python_goes_through_the_host_with_a_warning(tmp_path, monkeypatch):
+    import legion_rt.backends.cuda_rt as cuda_rt
+    from legion_rt.errors import BackendError
+
+    runner = _runner(_llama(9), tmp_path)
+    uploads = []
+
+    class HostBacked:
+        def __init__(self, shape, element_type, device, device_id):
+            self.arr = np.full(shape, 3, dtype=element_type)
+
+        def numpy(self):
+            return self.arr.copy()
+
+        def update_inplace(self, array):
+            uploads.append(array.shape)
+            self.arr[...] = array
+
+    from types import SimpleNamespace
+
+    runner._ort = SimpleNamespace(OrtValue=SimpleNamespace(ortvalue_from_shape_and_type=HostBacked))
+    runner.device, runner.kv_dtype = "cuda", np.dtype(np.float16)
+
+    def no_cuda_python():
+        raise BackendError("cuda-python is not installed: pip install 'legion_rt[cuda12]'")
+
+    monkeypatch.setattr(cuda_rt, "import_cudart", no_cuda_python)
+    with pytest.warns(RuntimeWarning, match="through host memory.*cuda-python is not installed"):
+        cache = runner.new_cache(6)
+    assert all(not np.any(v.arr) for v in cache.ort_keys + cache.ort_values)  # zeroed, even here
+    for v in cache.ort_keys + cache.ort_values:
+        v.arr[:, :, :4] = 1
+    cache.length = 4
+    clone = runner.clone_cache(cache, 9)
+    for v in clone.ort_keys + clone.ort_values:
+        assert np.all(v.arr[:, :, :4] == 1) and not np.any(v.arr[:, :, 4:])
+
+
+@pytest.mark.parametrize("hidden,heads", [(32, 4), (96, 4)])  # head sizes 8 and 24
+def test_head_size_not_a_multiple_of_16_is_refused(tmp_path, hidden, heads):
+    from export.onnx_llm import ExportError
+
+    model = _llama(10, hidden=hidden, heads=heads, kv_heads=2)
+    with pytest.raises(ExportError, match=f"head size {hidden // heads} is not a multiple of 16"):
+        build_llm_graph(model, tmp_path / "llm.onnx")
+    assert not (tmp_path / "llm.onnx").exists()

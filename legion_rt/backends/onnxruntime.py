@@ -30,12 +30,91 @@ SHORT_NAMES = {
 }
 
 
+# ONNX Runtime >= 1.20: the first release whose CPU GroupQueryAttention is right for several new positions over a
+# cached prefix (every request: prompt prefix cached, then 576+ image positions). 1.18 and 1.19 run such a call but
+# return wrong values (max logit error 0.04 on a 2-layer model where 1.20+ agree with PyTorch to 5e-7; measured with
+# llm.onnx of tests/test_ort_llm.py under onnxruntime 1.17.3 .. 1.22.0); 1.17 has no float32 CPU kernel at all.
+MIN_ORT = (1, 20)
+# PyPI distributions that all install the one `onnxruntime` module: only one of them may be installed.
+ORT_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-qnn",
+    "onnxruntime-training",
+)
+
+
 def _import_ort():
     try:
         import onnxruntime as ort
-    except ImportError as e:  # pragma: no cover - onnxruntime is a runtime dependency
-        raise BackendError(f"onnxruntime is not installed ({e}); pip install onnxruntime") from None
+    except ImportError as e:
+        raise BackendError(
+            f"onnxruntime is not installed ({e}); pip install 'legion_rt[cpu]' (CPU) or 'legion_rt[gpu]' "
+            "(NVIDIA GPU), not both"
+        ) from None
+    check_ort_version(ort)
     return ort
+
+
+def check_ort_version(ort) -> None:
+    version = str(getattr(ort, "__version__", "0"))
+    parts = []
+    for p in version.split(".")[:2]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts) < MIN_ORT:
+        raise BackendError(
+            f"onnxruntime {version} is too old: legion_rt needs >= {MIN_ORT[0]}.{MIN_ORT[1]} (older GroupQueryAttention "
+            "gives wrong results when new positions follow a cached prefix); pip install -U 'legion_rt[cpu]' or "
+            "'legion_rt[gpu]'"
+        )
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def installed_ort_distributions() -> dict[str, str]:
+    """The ONNX Runtime distributions pip has installed here: {name: version}."""
+    found = {}
+    for name in ORT_DISTRIBUTIONS:
+        version = _dist_version(name)
+        if version is not None:
+            found[name] = version
+    return found
+
+
+def install_problem(available: list[str], *, want_cuda: bool) -> str | None:
+    """What is wrong with the ONNX Runtime installation, with the fix, or None. Several distributions installed
+    overwrite each other's `onnxruntime` module (the CPU wheel installed after onnxruntime-gpu removes the CUDA
+    provider without a word); with ``want_cuda``, also the CPU-only build installed."""
+    dists = installed_ort_distributions()
+    if len(dists) > 1:
+        listed = ", ".join(f"{n} {v}" for n, v in dists.items())
+        return (
+            f"several ONNX Runtime packages are installed ({listed}); they overwrite each other's `onnxruntime` "
+            f"module, so a provider can silently disappear: pip uninstall -y {' '.join(dists)} && pip install "
+            "'legion_rt[gpu]' (NVIDIA GPU) or 'legion_rt[cpu]'"
+        )
+    if want_cuda and "CUDAExecutionProvider" not in available:
+        if "onnxruntime-gpu" in dists:
+            return (
+                "onnxruntime-gpu is installed but its CUDA provider is missing from this build "
+                f"(available: {', '.join(available)}): reinstall it (pip install --force-reinstall onnxruntime-gpu)"
+            )
+        if dists:
+            return (
+                f"the installed ONNX Runtime ({', '.join(dists)}) has no CUDA provider: pip uninstall -y "
+                f"{' '.join(dists)} && pip install 'legion_rt[gpu]'"
+            )
+    return None
 
 
 def resolve_providers(providers) -> list[str]:
@@ -52,9 +131,10 @@ def resolve_providers(providers) -> list[str]:
         if full not in SHORT_NAMES.values():
             raise RequestError(f"provider {p!r}: unknown (use {', '.join(SHORT_NAMES)})")
         if full not in available:
+            problem = install_problem(available, want_cuda=full != "CPUExecutionProvider")
             raise BackendError(
                 f"provider {p!r} ({full}) is not available in this onnxruntime build "
-                f"(available: {', '.join(available)})"
+                f"(available: {', '.join(available)})" + (f"; {problem}" if problem else "")
             )
         out.append(full)
     return out
@@ -126,6 +206,13 @@ class OnnxRuntimeBackend:
         self._graphs = tuple(graphs)
         if providers is None:
             available = ort.get_available_providers()
+            problem = install_problem(
+                available, want_cuda=auto and "onnxruntime-gpu" in installed_ort_distributions()
+            )
+            if problem:  # "auto" would quietly run on the CPU: say why
+                import warnings
+
+                warnings.warn(f"ONNX Runtime: {problem}", RuntimeWarning, stacklevel=3)
             wanted = ["CUDAExecutionProvider"] if (auto and "CUDAExecutionProvider" in available) else []
             wanted.append("CPUExecutionProvider")
             strict = False

@@ -18,7 +18,9 @@ One runner may be used from many threads at once as long as each thread uses its
 
 from __future__ import annotations
 
+import math
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +29,7 @@ from ..errors import ArtifactError, BackendError, RequestError
 from ..manifest import LlmGraph, ModelInfo
 
 SUPPORTED_KINDS = ("gqa_shared_kv",)
+_CUDA_INIT_LOCK = threading.Lock()  # first device cache of any runner: one CudaRuntime + stream each
 
 
 @dataclass
@@ -114,7 +117,7 @@ class OrtLLM:
 
     # ----------------------------------------------------------------------------------------------- caches
     def new_cache(self, max_len: int) -> KVCache:
-        """A cache with room for ``max_len`` positions (prompt + max_new_tokens)."""
+        """A zero-filled cache with room for ``max_len`` positions (prompt + max_new_tokens)."""
         max_len = int(max_len)
         if not 1 <= max_len <= self.max_positions:
             raise RequestError(
@@ -123,6 +126,7 @@ class OrtLLM:
             )
         cache = KVCache(max_len=max_len)
         shape = (1, self.num_kv_heads, max_len, self.head_dim)
+        cuda = self._device_cuda()
         for _ in range(self.num_layers):
             for arrays, ort_values in ((cache.keys, cache.ort_keys), (cache.values, cache.ort_values)):
                 if self.device == "cpu":
@@ -131,17 +135,24 @@ class OrtLLM:
                     arrays.append(arr)
                     ort_values.append(self._ort.OrtValue.ortvalue_from_numpy(arr))  # shares arr's memory
                 else:
-                    arrays.append(None)
-                    ort_values.append(
-                        self._ort.OrtValue.ortvalue_from_shape_and_type(
-                            shape, self.kv_dtype.type, self.device, self.device_id
-                        )
+                    value = self._ort.OrtValue.ortvalue_from_shape_and_type(
+                        shape, self.kv_dtype.type, self.device, self.device_id
                     )
+                    if cuda is not None:  # device memory comes uninitialized: zero it on the device
+                        nbytes = math.prod(shape) * self.kv_dtype.itemsize
+                        cuda.memset_async(value.data_ptr(), nbytes, self._cuda_stream)
+                    else:
+                        value.update_inplace(np.zeros(shape, dtype=self.kv_dtype))
+                    arrays.append(None)
+                    ort_values.append(value)
+        if cuda is not None:
+            cuda.synchronize(self._cuda_stream)  # ONNX Runtime runs on its own stream: finish before it reads
         return cache
 
     def clone_cache(self, cache: KVCache, max_len: int) -> KVCache:
         """A new cache of capacity ``max_len`` holding a copy of ``cache``'s filled positions (prefix reuse).
-        Costs a copy of the filled positions only (on CPU)."""
+        Costs a copy of the filled positions only: on the CPU a slice copy, on a CUDA device one device-to-device
+        cudaMemcpy2DAsync per layer and K/V (rows of ``length * D`` elements, one per KV head)."""
         if max_len < cache.length:
             raise RequestError(
                 f"clone_cache: max_len {max_len} is smaller than the cached length {cache.length}"
@@ -151,7 +162,21 @@ class OrtLLM:
         if self.device == "cpu":
             for src, dst in zip(cache.keys + cache.values, new.keys + new.values, strict=False):
                 dst[:, :, :n, :] = src[:, :, :n, :]
-        else:  # device buffers: go through the host once per request (never per step)
+        elif (cuda := self._device_cuda()) is not None:
+            from .cuda_rt import prefix_copy_geometry
+
+            geometry = prefix_copy_geometry(
+                (1, self.num_kv_heads, cache.max_len, self.head_dim),
+                (1, self.num_kv_heads, max_len, self.head_dim),
+                n,
+                self.kv_dtype.itemsize,
+            )
+            for src, dst in zip(
+                cache.ort_keys + cache.ort_values, new.ort_keys + new.ort_values, strict=False
+            ):
+                cuda.copy_prefix_2d(dst.data_ptr(), src.data_ptr(), geometry, self._cuda_stream)
+            cuda.synchronize(self._cuda_stream)
+        else:  # no cuda-python: through the host, once per request (never per step)
             for src, dst in zip(
                 cache.ort_keys + cache.ort_values, new.ort_keys + new.ort_values, strict=False
             ):
@@ -160,6 +185,34 @@ class OrtLLM:
                 dst.update_inplace(host)
         new.length = n
         return new
+
+    def _device_cuda(self):
+        """The CudaRuntime (cuda_rt) used for device KV buffers, with ``self._cuda_stream`` on ``device_id``;
+        None on the CPU, or (with a one-time warning) when cuda-python is not installed: the caches then go
+        through the host (a full-capacity upload per request)."""
+        if self.device == "cpu":
+            return None
+        with _CUDA_INIT_LOCK:
+            if not hasattr(self, "_cuda"):
+                self._cuda = self._init_device_cuda()
+        if self._cuda is not None:
+            # cuda-python calls act on the calling thread's current device; requests may come from any thread
+            self._cuda.check(self._cuda.rt.cudaSetDevice(self.device_id), f"cudaSetDevice({self.device_id})")
+        return self._cuda
+
+    def _init_device_cuda(self):
+        from .cuda_rt import CudaRuntime
+
+        try:
+            cuda = CudaRuntime()
+        except BackendError as err:
+            import warnings
+
+            warnings.warn(f"KV caches on the GPU go through host memory: {err}", RuntimeWarning, stacklevel=4)
+            return None
+        cuda.check(cuda.rt.cudaSetDevice(self.device_id), f"cudaSetDevice({self.device_id})")
+        self._cuda_stream = cuda.stream_create()
+        return cuda
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, cache: KVCache, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,21 +1,30 @@
-"""Native TensorRT backend (GPU only), written against the documented TensorRT 10 Python API
-(``tensorrt``: Builder / OnnxParser / Runtime / IExecutionContext.execute_async_v3) and cuda-python's runtime
-bindings (``cuda.bindings.runtime``, older ``cuda.cudart``).
+"""Native TensorRT backend (GPU only), written against the documented TensorRT Python API, 10.3 (JetPack 6) to 11
+(``tensorrt``: Builder / OnnxParser / Runtime / IExecutionContext.execute_async_v3), and cuda-python's runtime
+bindings through ``cuda_rt`` (``cuda.bindings.runtime``, older ``cuda.cudart``).
 
-Status, stated plainly: **this module has never run** — it was written on a machine without a GPU or TensorRT.
-Only the paths that do not need TensorRT are tested (importing this module, ``engines_usable`` returning False,
-``TensorRTBackend`` / ``build_engines`` raising ``BackendError`` "TensorRT is not installed").
+Status, stated plainly: **this module has never run on a GPU** — it was written on a machine without a GPU or
+TensorRT. What is tested here: the paths that need neither (``engines_usable`` returning False, ``BackendError``
+"TensorRT is not installed"), and, with stand-in ``tensorrt`` / cuda-python module objects that record the calls
+(tests/test_tensorrt.py): the version handling, the per-context buffers, the dtypes, the shape checks.
 
 Design:
 * ``build_engines(ART, precision)`` parses vision.onnx, sam_encoder.onnx and mask_head.onnx with TensorRT's ONNX
   parser and writes serialized engines to ``ART/tensorrt/<gpu name>-sm<cc>-trt<version>/`` with an
   ``engines.json`` (precision, sha256 of every engine, TensorRT version, GPU). Engines are specific to one GPU model
-  and TensorRT version, hence the folder name. Precision: "fp16" (FP16 + FP32 fallback). "int8", "fp8" and "int4"
-  need calibration data / quantized graphs that the export does not produce yet: they raise ``BackendError``.
+  and TensorRT version, hence the folder name. Precision: "fp16". "int8", "fp8" and "int4" need calibration data /
+  quantized graphs that the export does not produce yet: they raise ``BackendError``.
+* TensorRT versions: ``network_setup`` is the one place that knows what changed — networks are always explicit
+  batch since 10 (``EXPLICIT_BATCH`` deprecated in 10, removed in 11); ``BuilderFlag.FP16`` (weakly typed
+  networks) is deprecated in 10.12 and gone in 11, where every network is strongly typed (its precision is the
+  ONNX graph's). So: an fp16 artifact (``--precision fp16`` export) builds a strongly typed network on every
+  version; an fp32 artifact uses the FP16 builder flag where it exists and is refused on TensorRT 11.
 * The LLM graph uses ONNX Runtime's GroupQueryAttention contrib op, which TensorRT's parser does not know, so the
   decode loop runs on ONNX Runtime's CUDA provider (KV cache in device memory, see ort_llm.py).
-* ``TensorRTBackend`` deserializes the engines, keeps one execution context per calling thread (contexts are not
-  thread-safe) and copies inputs/outputs through pinned-free plain cudaMemcpy (synchronous per call).
+* ``TensorRTBackend`` deserializes the engines and keeps, per calling thread (contexts are not thread-safe), one
+  execution context with its stream and its device buffers: allocated on the first call, grown only when a larger
+  shape comes, never freed per call (a cudaFree synchronizes the whole device, the LLM's decode included). Inputs
+  and outputs are copied with cudaMemcpyAsync on the context's stream in each binding's own dtype
+  (``engine.get_tensor_dtype``), and ``set_input_shape`` is checked (False: outside the optimization profile).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import BackendError
+from .cuda_rt import CudaRuntime
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..artifacts import ArtifactDir
@@ -36,6 +46,18 @@ if TYPE_CHECKING:  # pragma: no cover
 TRT_GRAPHS = ("vision", "sam_encoder", "mask_head")
 PRECISIONS = ("fp16", "int8", "fp8", "int4")
 MAX_MASKS = 32  # mask_head optimization profile: N in 1..MAX_MASKS (more [SEG] are run in chunks)
+MIN_TRT = (10, 3)  # JetPack 6.1/6.2 ship TensorRT 10.3
+
+# TensorRT DataType name -> numpy dtype (BF16 / FP8 / INT4 have no numpy type: such bindings are refused).
+NP_DTYPES = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def _import_trt():
@@ -43,39 +65,72 @@ def _import_trt():
         import tensorrt as trt
     except ImportError:
         raise BackendError(
-            "TensorRT is not installed (pip install tensorrt cuda-python on a machine with an NVIDIA GPU); "
-            "use --backend onnxruntime"
+            "TensorRT is not installed (pip install 'legion_rt[tensorrt-cu12]' or '[tensorrt-cu13]' to match the driver, "
+            "or JetPack's TensorRT on Jetson); use --backend onnxruntime"
         ) from None
-    try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
-    except ImportError:
+    check_trt_version(trt)
+    return trt, CudaRuntime()
+
+
+def trt_version(trt) -> tuple[int, ...]:
+    parts = []
+    for p in str(getattr(trt, "__version__", "0")).split(".")[:3]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_trt_version(trt) -> None:
+    if trt_version(trt)[:2] < MIN_TRT:
         raise BackendError(
-            "cuda-python is not installed (pip install cuda-python); needed by the TensorRT backend"
-        ) from None
-    return trt, cudart
+            f"TensorRT {trt.__version__} is too old: legion_rt needs TensorRT >= {MIN_TRT[0]}.{MIN_TRT[1]} "
+            "(the v3 tensor API; JetPack >= 6.1 on Jetson)"
+        )
 
 
-def _check(result):
-    """cuda-python calls return (err, *values): raise on error, return the values."""
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise BackendError(f"CUDA error {err}")
-    return rest[0] if len(rest) == 1 else rest
+def network_setup(trt, graph_fp16: bool) -> tuple[int, list]:
+    """(create_network flags, builder flags to set) for an fp16 build of a graph stored in fp16 (``graph_fp16``)
+    or fp32 — the one place that handles TensorRT 10.3 .. 11:
+
+    * explicit batch: the only mode since TensorRT 10 (the EXPLICIT_BATCH flag is ignored in 10, gone in 11);
+    * a graph already in fp16: a strongly typed network (its types are the ONNX graph's), on 11 the only kind (the
+      STRONGLY_TYPED flag is deprecated and ignored there, so it is not passed);
+    * an fp32 graph: a weakly typed network with BuilderFlag.FP16 (FP16 + FP32 fallback) where that flag exists;
+      TensorRT 11 removed it, so the artifact must be exported with --precision fp16."""
+    major = trt_version(trt)[0]
+    creation = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    strongly_typed = getattr(creation, "STRONGLY_TYPED", None)
+    fp16_flag = getattr(trt.BuilderFlag, "FP16", None)
+    if graph_fp16 or fp16_flag is None:
+        if not graph_fp16:
+            raise BackendError(
+                f"TensorRT {trt.__version__} builds strongly typed networks only (no BuilderFlag.FP16): the "
+                "precision comes from the ONNX graphs, which are fp32 in this artifact directory; export it "
+                "with --precision fp16 and rebuild the engines"
+            )
+        if major >= 11 or strongly_typed is None:
+            return 0, []
+        return 1 << int(strongly_typed), []
+    return 0, [fp16_flag]
 
 
-def _gpu_tag(trt, cudart) -> str:
-    props = _check(cudart.cudaGetDeviceProperties(0))
+def np_dtype(trt_dtype) -> np.dtype:
+    name = getattr(trt_dtype, "name", str(trt_dtype)).rsplit(".", 1)[-1]
+    if name not in NP_DTYPES:
+        raise BackendError(f"TensorRT binding dtype {name} has no numpy equivalent")
+    return np.dtype(NP_DTYPES[name])
+
+
+def _gpu_tag(trt, cuda: CudaRuntime) -> str:
+    props = cuda.check(cuda.rt.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    name = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    name = "".join(c if c.isalnum() else "_" for c in name.split("\0")[0]).strip("_")
     return f"{name}-sm{props.major}{props.minor}-trt{trt.__version__}"
 
 
 def engine_dir(art: ArtifactDir) -> Path:
-    trt, cudart = _import_trt()
-    return art.root / "tensorrt" / _gpu_tag(trt, cudart)
+    trt, cuda = _import_trt()
+    return art.root / "tensorrt" / _gpu_tag(trt, cuda)
 
 
 def engines_usable(art: ArtifactDir) -> bool:
@@ -86,9 +141,36 @@ def engines_usable(art: ArtifactDir) -> bool:
         return False
 
 
+def _build_one(trt, logger, onnx_path: Path, graph: str, graph_fp16: bool, workspace: int):
+    """Serialized engine (bytes) of one ONNX graph; BackendError with TensorRT's own words on failure."""
+    flags, builder_flags = network_setup(trt, graph_fp16)
+    builder = trt.Builder(logger)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"{onnx_path}: TensorRT cannot parse it ({errs})")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
+    for flag in builder_flags:
+        config.set_flag(flag)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        shape = list(t.shape)
+        if shape and shape[0] == -1:  # dynamic leading dim: batch 1 for vision/sam, N masks for mask_head
+            lo, opt, hi = (1, 4, MAX_MASKS) if graph == "mask_head" and t.name == "seg_hidden" else (1, 1, 1)
+            profile.set_shape(t.name, [lo, *shape[1:]], [opt, *shape[1:]], [hi, *shape[1:]])
+    config.add_optimization_profile(profile)
+    blob = builder.build_serialized_network(network, config)  # IHostMemory, None on failure (TensorRT >= 8)
+    if blob is None:
+        raise BackendError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
+    return bytes(memoryview(blob))
+
+
 def build_engines(art: ArtifactDir, precision: str = "fp16", *, workspace_gb: float = 8.0, log=print) -> Path:
     """Build TensorRT engines for vision, sam_encoder and mask_head on the current GPU. Returns their folder."""
-    trt, cudart = _import_trt()
+    trt, _cuda = _import_trt()
     if precision not in PRECISIONS:
         raise BackendError(f"precision {precision!r}: must be one of {', '.join(PRECISIONS)}")
     if precision != "fp16":
@@ -96,35 +178,15 @@ def build_engines(art: ArtifactDir, precision: str = "fp16", *, workspace_gb: fl
             f"precision {precision!r} needs calibration data or a quantized export, which legion_rt does not "
             "produce yet; use --precision fp16"
         )
+    graph_fp16 = all(getattr(art.manifest.graphs, g).precision == "fp16" for g in TRT_GRAPHS)
+    network_setup(trt, graph_fp16)  # refuse (TensorRT 11 + fp32 graphs) before creating anything
     out = engine_dir(art)
     out.mkdir(parents=True, exist_ok=True)
     logger = trt.Logger(trt.Logger.WARNING)
     record = {"precision": precision, "tensorrt": trt.__version__, "gpu": out.name, "engines": {}}
     for graph in TRT_GRAPHS:
         log(f"building TensorRT engine for {graph} ({precision})...")
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(art.graph_path(graph))):
-            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BackendError(f"{art.graph_path(graph)}: TensorRT cannot parse it ({errs})")
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 1024**3))
-        config.set_flag(trt.BuilderFlag.FP16)
-        profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            t = network.get_input(i)
-            shape = list(t.shape)
-            if shape[0] == -1:  # dynamic leading dim: batch 1 for vision/sam, N masks for mask_head
-                lo, opt, hi = (
-                    (1, 4, MAX_MASKS) if graph == "mask_head" and t.name == "seg_hidden" else (1, 1, 1)
-                )
-                profile.set_shape(t.name, [lo, *shape[1:]], [opt, *shape[1:]], [hi, *shape[1:]])
-        config.add_optimization_profile(profile)
-        blob = builder.build_serialized_network(network, config)
-        if blob is None:
-            raise BackendError(f"{art.graph_path(graph)}: TensorRT engine build failed (see the log above)")
-        data = bytes(blob)
+        data = _build_one(trt, logger, art.graph_path(graph), graph, graph_fp16, workspace_gb * 1024**3)
         path = out / f"{graph}.engine"
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(data)
@@ -138,70 +200,105 @@ def build_engines(art: ArtifactDir, precision: str = "fp16", *, workspace_gb: fl
     return out
 
 
-class _TrtGraph:
-    """One deserialized engine; an execution context per thread."""
+class _ContextState:
+    """One thread's execution context, its stream and its device buffers (name -> [ptr, capacity bytes])."""
 
-    def __init__(self, trt, cudart, runtime, path: Path, expected_sha256: str):
+    def __init__(self, ctx, stream):
+        self.ctx, self.stream = ctx, stream
+        self.buffers: dict[str, list[int]] = {}
+
+
+class _TrtGraph:
+    """One deserialized engine; an execution context (with stream and buffers) per thread."""
+
+    def __init__(self, trt, cuda: CudaRuntime, runtime, path: Path, expected_sha256: str):
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != expected_sha256:
             raise BackendError(
                 f"{path}: sha256 mismatch with engines.json (rebuild with legion-rt build-engines)"
             )
-        self.trt, self.cudart = trt, cudart
+        self.trt, self.cuda, self.path = trt, cuda, path
         self.engine = runtime.deserialize_cuda_engine(data)
         if self.engine is None:
             raise BackendError(
                 f"{path}: TensorRT cannot deserialize it (built for another GPU or TensorRT version?)"
             )
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in self.names}
+        self.inputs = [n for n in self.names if is_input[n]]
+        self.outputs = [n for n in self.names if not is_input[n]]
+        self.dtypes = {n: np_dtype(self.engine.get_tensor_dtype(n)) for n in self.names}
         self._local = threading.local()
+        self._states: list[_ContextState] = []
+        self._lock = threading.Lock()
 
-    def _context(self):
-        ctx = getattr(self._local, "ctx", None)
-        if ctx is None:
-            ctx = self._local.ctx = self.engine.create_execution_context()
-            self._local.stream = _check(self.cudart.cudaStreamCreate())
-        return ctx, self._local.stream
+    def _state(self) -> _ContextState:
+        st = getattr(self._local, "state", None)
+        if st is None:
+            ctx = self.engine.create_execution_context()
+            if ctx is None:
+                raise BackendError(f"{self.path}: TensorRT cannot create an execution context (GPU memory?)")
+            st = self._local.state = _ContextState(ctx, self.cuda.stream_create())
+            with self._lock:
+                self._states.append(st)
+        return st
+
+    def _buffer(self, st: _ContextState, name: str, nbytes: int) -> int:
+        """The device buffer of ``name`` in this context, grown (never shrunk) to ``nbytes``."""
+        buf = st.buffers.get(name)
+        if buf is None or buf[1] < nbytes:
+            if buf is not None:
+                self.cuda.free(buf[0], st.stream)
+            size = max(int(nbytes), 1)
+            buf = st.buffers[name] = [self.cuda.malloc(size, st.stream), size]
+        return buf[0]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        trt, cudart = self.trt, self.cudart
-        ctx, stream = self._context()
-        buffers = []
-        try:
-            for name, arr in feeds.items():
-                arr = np.ascontiguousarray(arr, dtype=np.float32)
-                ctx.set_input_shape(name, arr.shape)
-                ptr = _check(cudart.cudaMalloc(arr.nbytes))
-                buffers.append(ptr)
-                _check(
-                    cudart.cudaMemcpy(
-                        ptr, arr.ctypes.data, arr.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-                    )
+        if set(feeds) != set(self.inputs):
+            raise BackendError(
+                f"{self.path.name}: inputs {sorted(feeds)} do not match the engine's {sorted(self.inputs)}"
+            )
+        st = self._state()
+        ctx, stream, cuda = st.ctx, st.stream, self.cuda
+        hosts = []  # keep the host arrays alive until the stream is synchronized
+        for name in self.inputs:
+            arr = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
+            if not ctx.set_input_shape(name, tuple(int(d) for d in arr.shape)):
+                raise BackendError(
+                    f"{self.path.name}: input {name} of shape {tuple(arr.shape)} is outside the engine's "
+                    "optimization profile"
                 )
-                ctx.set_tensor_address(name, ptr)
-            outputs = {}
-            for name in self.names:
-                if self.engine.get_tensor_mode(name) != trt.TensorIOMode.OUTPUT:
-                    continue
-                shape = tuple(ctx.get_tensor_shape(name))
-                host = np.empty(shape, dtype=np.float32)
-                ptr = _check(cudart.cudaMalloc(max(host.nbytes, 1)))
-                buffers.append(ptr)
-                ctx.set_tensor_address(name, ptr)
-                outputs[name] = (host, ptr)
-            if not ctx.execute_async_v3(stream):
-                raise BackendError("TensorRT execution failed")
-            _check(cudart.cudaStreamSynchronize(stream))
-            for _name, (host, ptr) in outputs.items():
-                _check(
-                    cudart.cudaMemcpy(
-                        host.ctypes.data, ptr, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-                    )
-                )
-            return {k: v[0] for k, v in outputs.items()}
-        finally:
-            for ptr in buffers:
-                cudart.cudaFree(ptr)
+            ptr = self._buffer(st, name, arr.nbytes)
+            cuda.copy_h2d_async(ptr, arr.ctypes.data, arr.nbytes, stream)
+            ctx.set_tensor_address(name, ptr)
+            hosts.append(arr)
+        outputs = {}
+        for name in self.outputs:
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise BackendError(f"{self.path.name}: output {name} has an unresolved shape {shape}")
+            host = np.empty(shape, dtype=self.dtypes[name])
+            ptr = self._buffer(st, name, host.nbytes)
+            ctx.set_tensor_address(name, ptr)
+            outputs[name] = (host, ptr)
+        if not ctx.execute_async_v3(stream):
+            raise BackendError(f"{self.path.name}: TensorRT execution failed (see the log above)")
+        for host, ptr in outputs.values():
+            cuda.copy_d2h_async(host.ctypes.data, ptr, host.nbytes, stream)
+        cuda.synchronize(stream)
+        del hosts
+        return {k: v[0] for k, v in outputs.items()}
+
+    def close(self) -> None:
+        """Free every context's device buffers (after its stream has finished)."""
+        with self._lock:
+            states, self._states = self._states, []
+        for st in states:
+            self.cuda.synchronize(st.stream)
+            for ptr, _size in st.buffers.values():
+                self.cuda.free(ptr, st.stream)
+            st.buffers.clear()
+            self.cuda.synchronize(st.stream)
 
 
 class TensorRTBackend:
@@ -210,8 +307,8 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, art: ArtifactDir, *, threads: int | None = None):
-        trt, cudart = _import_trt()
-        folder = engine_dir(art)
+        trt, cuda = _import_trt()
+        folder = art.root / "tensorrt" / _gpu_tag(trt, cuda)
         meta_path = folder / "engines.json"
         if not meta_path.is_file():
             raise BackendError(
@@ -221,7 +318,7 @@ class TensorRTBackend:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._graphs = {
             g: _TrtGraph(
-                trt, cudart, runtime, folder / meta["engines"][g]["file"], meta["engines"][g]["sha256"]
+                trt, cuda, runtime, folder / meta["engines"][g]["file"], meta["engines"][g]["sha256"]
             )
             for g in TRT_GRAPHS
         }
@@ -246,3 +343,7 @@ class TensorRTBackend:
             feeds = {"seg_hidden": seg_hidden[s : s + MAX_MASKS], "image_embeddings": embedding}
             chunks.append(self._graphs["mask_head"].run(feeds)["low_res_masks"])
         return np.concatenate(chunks, axis=0)
+
+    def close(self) -> None:
+        for graph in self._graphs.values():
+            graph.close()
