@@ -340,7 +340,9 @@ class Request:
         t["masks"] = self._mask_s
         sam = self._sam
         if sam is not None and sam.done() and not sam.cancelled() and sam.exception() is None:
-            t["sam_encoder"] = sam.result()[1]  # the job returns its time; it never writes the request's fields
+            t["sam_encoder"] = sam.result()[
+                1
+            ]  # the job returns its time; it never writes the request's fields
         t["time_to_first_mask"] = self._first_mask_at
         out = postprocess_text(eng.detok.decode(self._prompt_ids + self.generated))
         final_phrases = pair_phrases(eng.detok, self._prompt_ids, self.generated, eng.seg_id)
