@@ -1,4 +1,4 @@
-"""``legion-rt`` command line (also ``python -m legion_rt``). Commands and exit status: /work/shared/CONTRACT.md.
+"""``legion-rt`` command line (also ``python -m legion_rt``). Commands and exit status: docs/CONTRACT.md.
 
 Exit 0 on success, 2 on a usage error (bad option or value), 1 on any other failure; expected failures print one
 line ``legion-rt: error: ...`` on stderr naming the file or value, never a traceback (set LEGION_RT_DEBUG=1 to

@@ -1,5 +1,5 @@
 """Text side of the runtime: ids -> text exactly as the reference decodes them, streaming deltas, and the
-reference's text post-processing (LEGION_REFERENCE.md "Text output").
+reference's text post-processing (docs/REFERENCE.md "Text output").
 
 No torch, transformers or sentencepiece: the detokenizer runs over ``tokenizer.json`` (written at export time by
 ``export.tokenizer.write_tokenizer_json``) in pure Python, re-implementing the decode path of transformers 4.28's
@@ -438,7 +438,7 @@ def replace_tracking(text: str, pairs, positions: list[int]) -> tuple[str, list[
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reference text post-processing (LEGION_REFERENCE.md "Text output", steps 2-5, as scripts/loc_exp/infer.py)
+# Reference text post-processing (docs/REFERENCE.md "Text output", steps 2-5, as scripts/loc_exp/infer.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 _PHRASE_RE = re.compile(r"<p>(.*?)<\/p>")
