@@ -15,7 +15,7 @@ from pathlib import Path
 from legion_rt.artifacts import read_json_object
 from legion_rt.errors import CheckpointError
 
-# Reference constants (LEGION_REFERENCE.md). CLIP's come from preprocessor_config.json when it is present.
+# Reference constants (docs/REFERENCE.md "Preprocessing"). CLIP's come from preprocessor_config.json when it is present.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAM_MEAN = (123.675, 116.28, 103.53)

@@ -1,4 +1,4 @@
-"""Export a LEGION checkpoint to the artifact directory of export/FORMAT.md: ONNX graphs, embedding table,
+"""Export a LEGION checkpoint to the artifact directory of docs/FORMAT.md: ONNX graphs, embedding table,
 tokenizer files, manifest.json; every graph is run once in ONNX Runtime and compared with PyTorch.
 
     export_artifacts(checkpoint=CKPT, clip=CLIP, detector=None, out=ART, precision="fp32")
@@ -828,7 +828,7 @@ def export_artifacts(
     tolerance_scale: float = 1.0,
     memory_limit: int | None = None,
 ) -> Path:
-    """Write the artifact directory ``out`` (export/FORMAT.md) from a LEGION checkpoint directory, a CLIP
+    """Write the artifact directory ``out`` (docs/FORMAT.md) from a LEGION checkpoint directory, a CLIP
     directory and an optional detector file. Returns ``out`` as a Path.
 
     ``precision``: "fp32" (every provider) or "fp16" (weights and compute in fp16, for GPU providers; inputs and

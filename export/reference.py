@@ -1,7 +1,7 @@
 """The reference pipeline: LEGION's published inference semantics end to end, in PyTorch fp32 on CPU.
 
 This is the oracle of every parity test and the baseline of the end-to-end benchmark
-(``/work/shared/LEGION_REFERENCE.md``; original code: opendatalab/LEGION ``scripts/loc_exp/infer.py``,
+(docs/REFERENCE.md; original code: opendatalab/LEGION ``scripts/loc_exp/infer.py``,
 ``model/Legion.py`` ``evaluate``, ``model/llava/llava_with_region_arch.py``, ``scripts/cls/eval.py``).
 
 Two decoding modes, same model, same greedy rule:
@@ -639,7 +639,7 @@ def reference_postprocess(decoded: str) -> tuple[str, str, list[str]]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Glue to the other export modules (their APIs are described in export/FORMAT.md)
+# Glue to the other export modules (their APIs are described in docs/FORMAT.md)
 # ----------------------------------------------------------------------------------------------------------------
 
 

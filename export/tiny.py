@@ -51,7 +51,7 @@ def _to_ckpt_key(param: str) -> str | None:
 
 
 def checkpoint_config_json(cfg: LegionConfig) -> dict:
-    """config.json as GLaMM/LEGION's save_pretrained writes it (the fields LEGION_REFERENCE.md names)."""
+    """config.json as GLaMM/LEGION's save_pretrained writes it (fields: docs/REFERENCE.md "Checkpoint layout")."""
     return {
         "architectures": ["LegionForCausalLM"],
         "model_type": "llava",

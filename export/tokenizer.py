@@ -33,7 +33,7 @@ from legion_rt.errors import CheckpointError
 from .config import read_json
 
 # ----------------------------------------------------------------------------------------------------------------
-# Prompt (LEGION_REFERENCE.md "Prompt"; infer.py + LLaVA's conv_templates["llava_v1"], SeparatorStyle.TWO)
+# Prompt (docs/REFERENCE.md "Prompt"; infer.py + LLaVA's conv_templates["llava_v1"], SeparatorStyle.TWO)
 # ----------------------------------------------------------------------------------------------------------------
 
 SYSTEM = (
@@ -318,7 +318,7 @@ def prompt_ids(tokenizer_dir: str | Path, instruction: str = INSTRUCTION) -> tup
     """(prefix_ids, suffix_ids): infer.py's ``tokenizer_image_token(prompt)`` split at IMAGE_TOKEN_INDEX.
 
     prefix_ids start with BOS and end with ``<im_start>``; suffix_ids start with ``<im_end>`` and end with the
-    pieces of "ASSISTANT:". The 576 image embeddings go between them (FORMAT.md ``manifest["prompt"]``).
+    pieces of "ASSISTANT:". The 576 image embeddings go between them (docs/FORMAT.md "manifest.json", ``prompt``).
     """
     ids = SlowLlamaTokenizer.from_dir(tokenizer_dir).tokenizer_image_token(build_prompt(instruction))
     if ids.count(IMAGE_TOKEN_INDEX) != 1:

@@ -1,4 +1,4 @@
-"""The reference's answer post-processing (LEGION_REFERENCE.md "Text output", steps 2-5, as LEGION's infer.py) and
+"""The reference's answer post-processing (docs/REFERENCE.md "Text output", steps 2-5, as LEGION's infer.py) and
 the phrase of each [SEG] (legion_rt's addition; the reference keeps no such pairing).
 
 Input: the decoded text of ``prompt ids + generated ids`` (legion_rt/detokenizer.py).

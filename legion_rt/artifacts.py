@@ -1,6 +1,6 @@
 """The artifact directory (``legion-rt export --out ART``): manifest loading and verification.
 
-Layout and manifest fields: export/FORMAT.md "Artifact directory". Before any graph is opened the runtime checks:
+Layout and manifest fields: docs/FORMAT.md "Artifact directory". Before any graph is opened the runtime checks:
 
 * ``manifest.json`` parses, ``format`` is ``legion_rt.artifacts`` and ``format_version`` is one this runtime knows;
 * the required sections and graphs are present, every graph file is listed under ``files``;

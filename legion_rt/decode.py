@@ -1,7 +1,7 @@
 """The decode loop: prefill after the cached prompt prefix, then one token per step with the KV cache written in
 place, greedy by default (temperature / top-p sampling with a seed as options).
 
-Which hidden state makes a mask (LEGION_REFERENCE.md "Generation"): the reference builds ``ids[:, 1:] == SEG``
+Which hidden state makes a mask (docs/REFERENCE.md "Generation"): the reference builds ``ids[:, 1:] == SEG``
 over the full sequence, so the [SEG] token generated at step t is paired with the final-norm hidden state at the
 position whose logits produced it. In this loop that is exactly the ``hidden`` returned together with the logits
 the token was picked from: the last prefill position for the first generated token, the previous step's single

@@ -1,4 +1,4 @@
-"""``legion-rt eval``: SynthScars-format evaluation of artifact localization (LEGION_REFERENCE.md "Evaluation").
+"""``legion-rt eval``: SynthScars-format evaluation of artifact localization (docs/REFERENCE.md "Evaluation").
 
 Dataset layout (SynthScars)::
 

@@ -35,7 +35,7 @@ class Artifact:
 
 @dataclass
 class Result:
-    """The full answer for one picture (see CONTRACT.md). ``label``: detector argmax, 1 = real, 0 = fake.
+    """The full answer for one picture (docs/CONTRACT.md "Result"). ``label``: detector argmax, 1 = real, 0 = fake.
     ``skipped``: the detect-first gate stopped after the verdict."""
 
     verdict: str | None

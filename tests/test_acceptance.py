@@ -280,7 +280,7 @@ def test_analyze_inputs_agree(models, pictures):
 
 
 def test_cli_analyze_json_and_overlay(models, pictures, tmp_path):
-    """`legion-rt analyze IMAGE --artifacts ART --json F --overlay O`: files as CONTRACT.md says, equal to the
+    """`legion-rt analyze IMAGE --artifacts ART --json F --overlay O`: files as docs/CONTRACT.md says, equal to the
     reference."""
     eng, ref, art = models["free11"]
     for name in ("photo_chelsea", "333x1001"):

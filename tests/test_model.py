@@ -1,4 +1,4 @@
-"""export/model/legion.py: the LegionModel API of export/FORMAT.md, checked against independent computations."""
+"""export/model/legion.py: the LegionModel API of docs/FORMAT.md, checked against independent computations."""
 
 from __future__ import annotations
 

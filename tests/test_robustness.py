@@ -1,6 +1,6 @@
 """Robustness sweep: bad pictures, bad arrays, odd PIL modes, tampered artifact directories and bad option values
 must give a typed ``LegionError`` with one line naming the file or value: never a crash, a hang, a partial output
-file or a traceback from the CLI (CONTRACT.md "Exit status").
+file or a traceback from the CLI (docs/CONTRACT.md "Exit status").
 
 Choices made here (and why):
 

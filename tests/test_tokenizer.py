@@ -83,7 +83,7 @@ def test_training_script_reproduces_the_asset(tmp_path):
 
 
 def test_prompt_text_is_the_reference_template(fx):
-    # Spelled out independently from LEGION_REFERENCE.md "Prompt".
+    # Spelled out independently from docs/REFERENCE.md "Prompt".
     expected = (
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the human's questions. USER: The <im_start><image><im_end> provides an "

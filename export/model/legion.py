@@ -1,4 +1,4 @@
-"""LegionModel: every inference component of LEGION as plain PyTorch modules (the API of export/FORMAT.md).
+"""LegionModel: every inference component of LEGION as plain PyTorch modules (the API of docs/FORMAT.md).
 
 Parameter names (this module's state_dict) and where they come from (export/checkpoint.py maps them):
 

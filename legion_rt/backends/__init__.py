@@ -1,6 +1,6 @@
 """Inference backends behind one small interface.
 
-A backend runs the four graphs of an artifact directory (export/FORMAT.md):
+A backend runs the four graphs of an artifact directory (docs/FORMAT.md):
 
 ```python
 backend.vision(clip_pixels)              # f32 [1,3,336,336] -> (image_embeds f32 [1,576,H], cls_logits f32 [1,2] | None)
