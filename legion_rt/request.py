@@ -285,9 +285,12 @@ class Request:
             # One mask-head call per [SEG] (N = 1), never a timing-dependent batch: ONNX Runtime's result for a row
             # differs in the last bits between N = 1 and N > 1 (measured 1.5e-7), and a mask must not depend on how
             # many [SEG] happened to be waiting. Upsampling is batched (rows independent).
-            low = np.concatenate(
-                [eng._backend.mask_head(h[None].astype(np.float32), embedding) for h, _ in batch]
-            )  # [N, 256, 256]
+            rows = []
+            for h, _ in batch:
+                if self._cancel.is_set():  # cancelled while this job waited for the SAM embedding
+                    raise _Cancelled()
+                rows.append(eng._backend.mask_head(h[None].astype(np.float32), embedding))
+            low = np.concatenate(rows)  # [N, 256, 256]
             masks, _union, bboxes, areas = eng._ops.postprocess_masks(
                 np.ascontiguousarray(low, dtype=np.float32),
                 self.resized,

@@ -381,3 +381,52 @@ def test_without_detector(tiny_paths, tmp_path_factory, tmp_path):
         assert len(res.token_ids) >= 1
         with pytest.raises(RequestError, match="no detector"):
             eng.analyze(_pictures(tmp_path)["odd"], skip_if_real=0.5)
+
+
+def test_closing_a_stream_stops_the_work_and_frees_the_kv_cache(engine, tmp_path, monkeypatch):
+    """A consumer that stops iterating: the decode loop stops at once, the KV buffers are freed, the slot is back."""
+    import gc
+    import weakref
+
+    llm = engine._backend.llm
+    calls = [0]
+    forward = llm.forward
+
+    def counting(cache, embeds):
+        calls[0] += 1
+        return forward(cache, embeds)
+
+    monkeypatch.setattr(llm, "forward", counting)
+    req = engine.stream(_pictures(tmp_path)["odd"], max_new_tokens=300, ignore_eos=True)
+    events = [next(req) for _ in range(6)]
+    assert all(isinstance(e, TokenEvent) for e in events)
+    buffers = [weakref.ref(a) for a in req.cache.keys + req.cache.values]  # the request's own KV memory
+    assert engine.running_requests == 1
+    req.close()
+    n = calls[0]
+    gc.collect()
+    assert all(b() is None for b in buffers) and engine.running_requests == 0
+    assert n <= 7 and calls[0] == n  # prefill + 5 steps (+ none after the close)
+
+
+def test_admission_busy_and_deadline_on_a_real_engine(tiny_artifacts, tmp_path):
+    from legion_rt import BusyError, DeadlineError
+
+    pic = _pictures(tmp_path)["odd"]
+    with Engine(tiny_artifacts, threads=1, verify="size", max_concurrency=1, max_queue=0) as eng:
+        first = eng.stream(pic, max_new_tokens=4)  # admitted at the call: holds the only slot
+        assert (eng.running_requests, eng.queued_requests) == (1, 0)
+        with pytest.raises(BusyError, match="max_concurrency=1, max_queue=0"):
+            eng.analyze(pic, max_new_tokens=4)
+        done = [e for e in first if isinstance(e, DoneEvent)]
+        assert len(done) == 1 and eng.running_requests == 0
+        again = eng.analyze(pic, max_new_tokens=4)
+        assert again.token_ids == done[0].result.token_ids
+        with pytest.raises(DeadlineError, match="timeout_s=0.5"):
+            for _ in eng.stream(pic, max_new_tokens=3000, ignore_eos=True, timeout_s=0.5):
+                pass
+        assert eng.running_requests == 0
+        for bad in (0, -1, float("nan"), float("inf"), "1", True):
+            with pytest.raises(RequestError, match="timeout_s"):
+                eng.stream(pic, timeout_s=bad)
+        assert eng.running_requests == 0  # a refused request takes no slot
