@@ -26,6 +26,47 @@ SAM_MEAN = np.array(ops.SAM_MEAN, np.float32)
 SAM_STD = np.array(ops.SAM_STD, np.float32)
 
 
+PILLOW13 = int(Image.__version__.split(".")[0]) >= 13
+FULL_RESIZE_LIMIT = 4_000_000  # larger resizes are computed window-only (see pillow_resize_window)
+
+
+def pillow_vertical_first(h: int, w: int, oh: int, ow: int) -> bool:
+    """Pillow 13's pass order (legion_rt.ops module doc): vertical first when it shrinks the height and
+    2 * (w - ow) < h - oh; Pillow <= 12 always went horizontal first."""
+    return PILLOW13 and oh < h and ow != w and 2 * (w - ow) < h - oh
+
+
+def _pil_resize(a: np.ndarray, oh: int, ow: int, resample) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((ow, oh), resample))
+
+
+def pillow_resize_window(rgb, size, top, left, crop, resample, *, full_limit=FULL_RESIZE_LIMIT):
+    """Pillow's resize of rgb to size (h, w), cropped to rows [top, top + crop[0]) x cols [left, left + crop[1]).
+
+    Up to full_limit output pixels: one Image.resize, then the crop. Larger (a 1x1000 picture's CLIP resize is
+    336 x 336000): Pillow's own two single-axis passes in its pass order, since a two-pass Image.resize is
+    exactly its first pass into a uint8 image followed by its second pass. The second pass treats every row
+    (horizontal) or column (vertical) on its own, so it runs only on the cropped rows / columns (vertical: in
+    column chunks, to keep memory low). test_window_reference_equals_one_resize checks this against a full
+    Image.resize."""
+    h, w = rgb.shape[:2]
+    oh, ow = size
+    rows, cols = slice(top, top + crop[0]), slice(left, left + crop[1])
+    if oh * ow <= full_limit:
+        return _pil_resize(rgb, oh, ow, resample)[rows, cols]
+    if pillow_vertical_first(h, w, oh, ow):
+        inter = _pil_resize(rgb, oh, w, resample)[rows]  # the vertical pass (oh < h: no larger than rgb)
+        return (_pil_resize(inter, crop[0], ow, resample) if ow != w else inter)[:, cols]
+    inter = (_pil_resize(rgb, h, ow, resample) if ow != w else rgb)[:, cols]
+    if oh == h:
+        return inter[rows]
+    chunks = [
+        _pil_resize(inter[:, c : c + 16], oh, inter[:, c : c + 16].shape[1], resample)[rows]
+        for c in range(0, crop[1], 16)
+    ]
+    return np.concatenate(chunks, axis=1)
+
+
 def reference_clip_uint8(rgb: np.ndarray) -> np.ndarray:
     h, w = rgb.shape[:2]
     short, long = (w, h) if w <= h else (h, w)
@@ -34,9 +75,8 @@ def reference_clip_uint8(rgb: np.ndarray) -> np.ndarray:
     else:
         new_short, new_long = 336, int(336 * long / short)
         size = (new_long, new_short) if w <= h else (new_short, new_long)
-    img = np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.BICUBIC))
     top, left = (size[0] - 336) // 2, (size[1] - 336) // 2
-    return img[top : top + 336, left : left + 336]
+    return pillow_resize_window(rgb, size, top, left, (336, 336), Image.BICUBIC)
 
 
 def reference_clip(rgb: np.ndarray) -> np.ndarray:
@@ -84,6 +124,12 @@ SIZES = [
     (3000, 5000),
     (1024, 768),
     (2, 3000),
+    # Pillow 13 resamples vertically first here (CLIP 4000x600 -> 2240x336, SAM -> 1024x154):
+    (4000, 600),
+    (600, 4000),  # the transposed case stays horizontal first
+    (1000, 1),  # SAM: height only (1000 -> 1024, width 1 kept); CLIP: 336000 x 336
+    (1, 1000),  # SAM: width only; CLIP: 336 x 336000
+    (4320, 7680),  # 8K
 ]
 
 
@@ -145,6 +191,15 @@ def _resize_cases():
         (500, 1, 9, 1),
         (3, 3, 1000, 2),
         (2000, 1500, 1024, 768),
+        (4000, 600, 2240, 336),  # vertical first (Pillow 13)
+        (4000, 600, 1024, 154),
+        (600, 4000, 336, 2240),
+        (1000, 1, 1024, 1),  # height only
+        (1, 1000, 1, 1024),  # width only
+        (1000, 1, 700, 1),
+        (1, 1000, 1, 300),
+        (4320, 7680, 336, 597),
+        (4320, 7680, 576, 1024),
     ]
     for _ in range(60):
         cases.append(tuple(int(v) for v in rng.integers(1, 160, size=4)))
@@ -209,3 +264,42 @@ def test_pillow12_pass_order_is_horizontal_first():
     )  # 2*(480-410) = 140 < 640-336 = 304: Pillow 13 goes vertical first
     with pytest.raises(ops.RequestError, match="pillow_order"):
         ops.resize_rgb(rgb, (5, 5), "bicubic", pillow_order="11")
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "size"),
+    [
+        (1, 37, (336, 12432)),  # horizontal first, both passes
+        (41, 1, (13776, 336)),
+        (1000, 400, (840, 336)),  # vertical first (Pillow 13: 2 * 64 < 160)
+        (500, 900, (336, 604)),  # shrinking, horizontal first
+        (336, 90, (336, 400)),  # width only
+        (90, 336, (400, 336)),  # height only
+    ],
+)
+def test_window_reference_equals_one_resize(h, w, size):
+    """The window-only Pillow reference used for huge CLIP resizes equals Image.resize + crop."""
+    rgb = np.random.default_rng(h * 31 + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    if size == (840, 336):
+        assert pillow_vertical_first(h, w, *size) == PILLOW13
+    top, left = (size[0] - 336) // 2, (size[1] - 336) // 2
+    for resample in (Image.BICUBIC, Image.BILINEAR):
+        full = pillow_resize_window(rgb, size, top, left, (336, 336), resample)
+        window = pillow_resize_window(rgb, size, top, left, (336, 336), resample, full_limit=0)
+        assert full.shape == (336, 336, 3)
+        np.testing.assert_array_equal(window, full)
+
+
+def test_new_sizes_reach_every_resize_path():
+    """The sizes above exercise both pass orders and both one-direction paths of the native resampler."""
+    paths = set()
+    for h, w in SIZES:
+        g = ops.preprocess_geometry((h, w))
+        for oh, ow in (g["clip_resized"], g["sam_resized"]):
+            if oh != h and ow != w:
+                paths.add("vertical first" if pillow_vertical_first(h, w, oh, ow) else "horizontal first")
+            elif oh != h:
+                paths.add("height only")
+            elif ow != w:
+                paths.add("width only")
+    assert paths == {"vertical first", "horizontal first", "height only", "width only"}, paths
