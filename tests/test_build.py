@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -340,3 +341,95 @@ def test_cuda_on_with_an_architecture_the_real_nvcc_dropped_is_one_clear_error(t
     )
     assert auto.returncode == 0, auto.stdout + auto.stderr
     assert "CUDA kernels: OFF" in auto.stdout
+
+
+# --------------------------------------------------------------------------------------------------------
+# Packaging: one version string, build outputs kept out of the sources.
+
+
+def test_one_version_string():
+    """The version is written once (legion_rt/__init__.py); pyproject reads it from there at build time."""
+    import importlib.metadata
+
+    import legion_rt
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    provider = project["tool"]["scikit-build"]["metadata"]["version"]
+    assert provider == {"provider": "scikit_build_core.metadata.regex", "input": "legion_rt/__init__.py"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", legion_rt.__version__)
+    # The installed distribution (make install: this checkout, editable) carries the same string.
+    assert importlib.metadata.version("legion_rt") == legion_rt.__version__
+
+
+def _source_files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+@pytest.mark.slow
+def test_editable_install_keeps_build_outputs_out_of_the_sources(tmp_path):
+    """An editable install (the PEP 660 hook `pip install -e` calls; CUDA off to keep it short, ~30 s) writes
+    nothing beside the sources but build/: CMake's files and the compiled _C stay there and in the wheel. The
+    wheel's import hook serves legion_rt from legion_rt/ and legion_rt.export from export/ (as in a wheel)."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs a git checkout (to copy exactly the source files)")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, timeout=60
+    )
+    assert listed.returncode == 0, listed.stderr
+    src = tmp_path / "src"
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    before = _source_files(src)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, scikit_build_core.build as b; print(b.build_editable(sys.argv[1]))",
+            str(wheels),
+        ],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, LEGION_RT_CUDA="OFF"),
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    new = sorted(_source_files(src) - before)
+    assert new, "the build wrote nothing at all"
+    outside = [n for n in new if not n.startswith("build/")]
+    assert outside == [], f"build outputs outside build/: {outside[:20]}"
+    assert not list((src / "legion_rt").glob("_C*")), "_C must not be built into the source folder"
+
+    # Install the editable wheel into a fresh site directory and import from elsewhere (not the checkout).
+    site_dir = tmp_path / "site"
+    wheel = next(wheels.glob("legion_rt-*.whl"))
+    zipfile.ZipFile(wheel).extractall(site_dir)
+    metadata = next(site_dir.glob("legion_rt-*.dist-info")) / "METADATA"
+    version = re.search(r"^Version: (.+)$", metadata.read_text(), re.M).group(1)
+    check = (
+        "import json, site, sys; site.addsitedir(sys.argv[1]); sys.path.extend(sys.argv[2].split('\\n'));"
+        "import legion_rt, legion_rt._C, legion_rt.export, legion_rt.export.config;"
+        "print(json.dumps([legion_rt.__file__, legion_rt._C.__file__, legion_rt.export.__file__,"
+        " legion_rt.export.config.__file__, legion_rt.__version__, legion_rt._C.cuda_compiled()]))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", check, str(site_dir), "\n".join(p for p in sys.path if p)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    pkg, so, exp, cfg, got_version, cuda = json.loads(run.stdout.strip().splitlines()[-1])
+    assert Path(pkg) == src / "legion_rt" / "__init__.py"
+    assert Path(so).parent == site_dir / "legion_rt" and not cuda
+    assert Path(exp) == src / "export" / "__init__.py"
+    assert Path(cfg) == src / "export" / "config.py"
+    assert got_version == version
