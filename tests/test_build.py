@@ -319,28 +319,48 @@ def test_cuda12_on_with_an_unsupported_list_is_one_clear_error(tmp_path):
     assert "will not be able to correctly generate" not in err, "enable_language(CUDA) must not be reached"
 
 
-@pytest.mark.slow
-def test_cuda_on_with_an_architecture_the_real_nvcc_dropped_is_one_clear_error(tmp_path):
-    """Same with the installed nvcc: CUDA 13 dropped sm_72 (Xavier); ON fails once, naming it; AUTO builds CPU."""
+def _env_with_nvcc() -> dict:
     if shutil.which("cmake") is None or shutil.which("nvcc") is None:
         pytest.skip("cmake or nvcc is not installed")
-    release = _nvcc_release()
-    if release is None or release < (13, 0):
-        pytest.skip(f"needs CUDA >= 13 (which rejects sm_72), nvcc is {release}")
     env = dict(os.environ)
     env.pop("CUDAARCHS", None)
+    return env
+
+
+@pytest.mark.slow
+def test_cuda_on_with_an_architecture_nvcc_does_not_know_is_one_clear_error(tmp_path):
+    """Same with the installed nvcc and a list no toolkit supports: ON fails once, naming nvcc's own error;
+    AUTO builds the CPU kernels."""
+    env = _env_with_nvcc()
     on = _cmake_configure(
-        tmp_path / "on", "-DLEGION_RT_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=72-real", env=env
+        tmp_path / "on", "-DLEGION_RT_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=99-real", env=env
     )
     assert on.returncode != 0
     err = _one_line(on.stderr)
     assert err.count("CMake Error") == 1, on.stderr
-    assert "cannot compile for CUDA architectures '72-real': nvcc fatal : Unsupported gpu architecture" in err
+    assert "cannot compile for CUDA architectures '99-real': nvcc fatal : Unsupported gpu architecture" in err
+    assert "will not be able to correctly generate" not in err
     auto = _cmake_configure(
-        tmp_path / "auto", "-DLEGION_RT_CUDA=AUTO", "-DCMAKE_CUDA_ARCHITECTURES=72-real", env=env
+        tmp_path / "auto", "-DLEGION_RT_CUDA=AUTO", "-DCMAKE_CUDA_ARCHITECTURES=99-real", env=env
     )
     assert auto.returncode == 0, auto.stdout + auto.stderr
     assert "CUDA kernels: OFF" in auto.stdout
+
+
+@pytest.mark.slow
+def test_architectures_below_sm80_are_refused_by_name(tmp_path):
+    """The kernels use sm_80 warp reductions: a list with 75 (or Xavier's 72) falls back under AUTO and is a
+    clear error under ON, instead of a compile error deep in the build."""
+    env = _env_with_nvcc()
+    auto = _cmake_configure(
+        tmp_path / "a", "-DLEGION_RT_CUDA=AUTO", "-DCMAKE_CUDA_ARCHITECTURES=75-real;90-real", env=env
+    )
+    assert auto.returncode == 0, auto.stdout + auto.stderr
+    assert "CUDA kernels: OFF" in auto.stdout
+    assert "the kernels need compute capability >= 8.0, the list has 75-real" in auto.stdout
+    on = _cmake_configure(tmp_path / "o", "-DLEGION_RT_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=72", env=env)
+    assert on.returncode != 0
+    assert "the kernels need compute capability >= 8.0, the list has 72" in _one_line(on.stderr)
 
 
 # --------------------------------------------------------------------------------------------------------
