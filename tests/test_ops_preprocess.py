@@ -1,6 +1,6 @@
 """legion_rt.ops.preprocess / resize_rgb vs Pillow (the reference's resampler) and the reference's float math.
 
-Reference (../shared/LEGION_REFERENCE.md "Preprocessing"):
+Reference (LEGION's preprocessing, as export/reference.py runs it):
   CLIP: Pillow bicubic, shorter side -> 336 (long side int(336*long/short)), center crop
         top = (H'-336)//2, left = (W'-336)//2 (transformers 4.28 center_crop), then uint8 * (1/255) in float64,
         cast to float32, (x - mean) / std in float32.
