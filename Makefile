@@ -38,5 +38,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/e2e.py
 
+# build/ holds every build output (CMake's files, the compiled _C); the rest are leftovers of the former
+# in-place editable builds, which ran CMake in the repository root.
 clean:
 	rm -rf build $(VENV) legion_rt/_C*.so
+	rm -rf .cmake CMakeFiles CMakeCache.txt CMakeInit.txt build.ninja cmake_install.cmake compile_commands.json \
+		.ninja_deps .ninja_lock .ninja_log .skbuild-info.json

@@ -21,4 +21,10 @@ inline unsigned blocks_for(int64_t n, unsigned threads) {
   return static_cast<unsigned>((n + threads - 1) / threads);
 }
 
+// gridDim.y (and z) is limited to 65535: kernels that put rows on blockIdx.y launch at most that many and loop
+// over the rest (grid-stride in y), so outputs taller than 65535 rows are covered.
+inline unsigned grid_y(int64_t rows) {
+  return static_cast<unsigned>(rows < 65535 ? (rows < 1 ? 1 : rows) : 65535);
+}
+
 }  // namespace lrt

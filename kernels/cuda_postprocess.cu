@@ -110,8 +110,8 @@ int postprocess_masks_cuda(const float* low_res, int n, int in_h, int in_w, int 
     init_stats_kernel<<<blocks_for(n, 128), 128, 0, stream>>>(stats, n);
   }
   // Block width 128 (whole warps: the warp reductions need every lane to take part).
-  postprocess_kernel<<<dim3(blocks_for(out_w, 128), out_h < 65535 ? out_h : 65535), 128, 0, stream>>>(low_res, g, masks,
-                                                                                                      union_out, stats);
+  postprocess_kernel<<<dim3(blocks_for(out_w, 128), grid_y(out_h)), 128, 0, stream>>>(low_res, g, masks, union_out,
+                                                                                      stats);
   cudaError_t err = cudaGetLastError();
   if (stats != nullptr) {
     if (err == cudaSuccess) {

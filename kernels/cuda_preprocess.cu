@@ -114,11 +114,6 @@ cudaError_t upload_plan(const AxisPlan& p, cudaStream_t stream, int32_t** block,
 
 constexpr unsigned kThreads = 128;
 
-// gridDim.y is limited to 65535; kernels loop over the rest (grid-stride in y).
-inline unsigned grid_y(int64_t rows) {
-  return static_cast<unsigned>(rows < 65535 ? (rows < 1 ? 1 : rows) : 65535);
-}
-
 // Resizes the window [oy0, oy1) x [ox0, ox1) of an (out_h, out_w) resize into win (uint8 [win_h, win_w, 3]),
 // in Pillow's pass order (pillow_vertical_first).
 cudaError_t resize_window_cuda(const uint8_t* rgb, int h, int w, int out_h, int out_w, Filter filter, int oy0, int oy1,

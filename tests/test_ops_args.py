@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from legion_rt import ops
+from legion_rt import _C, ops
 from legion_rt.errors import ImageError, RequestError
 
 GOOD_RGB = np.zeros((20, 30, 3), np.uint8)
@@ -130,8 +130,39 @@ def test_cuda_entry_points_without_cuda_raise_cleanly():
         ops.postprocess_masks_cuda(1, (1, 256, 256), (10, 10), (10, 10), 1)
 
 
-def test_cuda_available_never_raises():
-    assert ops.cuda_available() in (True, False)
+def test_cuda_available_is_a_bool_and_false_without_a_device():
     import legion_rt
 
-    assert legion_rt.cuda_available() == ops.cuda_available()
+    got = ops.cuda_available()
+    assert type(got) is bool
+    assert legion_rt.cuda_available() is got
+    # True exactly when the build has CUDA and the runtime reports a device.
+    assert got == (ops.cuda_compiled() and _C.cuda_device_count() > 0)
+    if _C.cuda_device_count() == 0:
+        assert got is False
+
+
+def test_cuda_available_never_raises(monkeypatch):
+    """A failing native check (broken driver, missing symbol) reads as "no CUDA", never as an exception."""
+    import legion_rt
+
+    def boom():
+        raise RuntimeError("cudaGetDeviceCount failed: driver shutting down")
+
+    monkeypatch.setattr(ops, "_C", _BrokenC(boom))
+    assert ops.cuda_available() is False
+    assert legion_rt.cuda_available() is False
+    # The package-level function also survives a failure inside ops itself.
+    monkeypatch.setattr(ops, "cuda_available", boom)
+    assert legion_rt.cuda_available() is False
+
+
+class _BrokenC:
+    """Stands in for legion_rt._C: the CUDA checks raise, everything else is the real module."""
+
+    def __init__(self, boom):
+        self.cuda_compiled = lambda: True
+        self.cuda_device_count = boom
+
+    def __getattr__(self, name):
+        return getattr(_C, name)

@@ -72,7 +72,22 @@ class Device:
         self.rt.cudaStreamDestroy(self.stream)
 
 
-@pytest.mark.parametrize(("h", "w"), [(480, 640), (1, 37), (41, 1), (5000, 3000), (336, 336), (1080, 1920)])
+PREPROCESS_SIZES = [
+    (480, 640),
+    (1, 37),
+    (41, 1),
+    (5000, 3000),
+    (336, 336),
+    (1080, 1920),
+    (4000, 600),  # Pillow 13 order: vertical pass first (CLIP and SAM)
+    (600, 4000),
+    (1000, 1),  # SAM: height-only resize
+    (1, 1000),  # SAM: width-only resize
+    (4320, 7680),
+]
+
+
+@pytest.mark.parametrize(("h", "w"), PREPROCESS_SIZES)
 def test_preprocess_cuda_equals_cpu(cudart, h, w):
     rgb = np.random.default_rng(h + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
     clip_ref, sam_ref, size_ref = ops.preprocess(rgb)
@@ -90,7 +105,19 @@ def test_preprocess_cuda_equals_cpu(cudart, h, w):
 
 
 @pytest.mark.parametrize(
-    ("n", "h", "w"), [(0, 10, 10), (1, 1, 1), (8, 1080, 1920), (3, 4000, 2), (2, 2, 4000)]
+    ("n", "h", "w"),
+    [
+        (0, 10, 10),
+        (1, 1, 1),
+        (8, 1080, 1920),
+        (3, 4000, 2),
+        (2, 2, 4000),
+        (1, 4000, 600),
+        (1, 1000, 1),
+        (1, 1, 1000),
+        (2, 4320, 7680),
+        (3, 70000, 40),  # more rows than gridDim.y allows (65535): the kernel's grid-stride loop
+    ],
 )
 def test_postprocess_cuda_equals_cpu(cudart, n, h, w):
     rng = np.random.default_rng(n * 31 + h + w)

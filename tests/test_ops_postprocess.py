@@ -56,9 +56,14 @@ def _cases():
         (1, 1023, 1025),
         (8, 333, 500),
         (1, 2, 3),
+        (1, 4000, 600),
+        (1, 1000, 1),  # input (1024, 1): stage 2 changes the height only
+        (1, 1, 1000),  # input (1, 1024): the width only
+        (1, 4320, 7680),  # 8K
+        (2, 70000, 40),  # taller than 65535 rows (CUDA's gridDim.y limit); input (1024, 1)
     ]
     cases = list(fixed)
-    while len(cases) < 26:
+    while len(cases) < len(fixed) + 12:
         n = int(rng.choice([1, 2, 3, 8]))
         h, w = (int(v) for v in rng.integers(1, 2500, size=2))
         if rng.random() < 0.3:  # extreme aspect ratio
@@ -86,7 +91,9 @@ def test_matches_torch_two_stage(n, h, w):
     assert diff <= MAX_DIFF_FRACTION * max(ref.size, 1)
 
 
-@pytest.mark.parametrize(("n", "h", "w"), [(0, 50, 60), (1, 1, 1), (8, 480, 640), (3, 97, 2000)])
+@pytest.mark.parametrize(
+    ("n", "h", "w"), [(0, 50, 60), (1, 1, 1), (8, 480, 640), (3, 97, 2000), (3, 70000, 40)]
+)
 def test_stats_match_masks(n, h, w):
     rng = np.random.default_rng(7)
     low = random_logits(rng, n)
