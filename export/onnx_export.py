@@ -38,6 +38,7 @@ import numpy as np
 
 from legion_rt.manifest import (
     FORMAT_VERSION,
+    PRECISIONS,
     FileEntry,
     Graph,
     Graphs,
@@ -55,6 +56,7 @@ from .onnx_llm import (
     check_checkpoint_head_dim,
     llm_model_info,
 )
+from .quantize import QUANTIZED_PRECISIONS, quantize_llm
 
 __all__ = ["ExportError", "export_artifacts", "TOLERANCES", "FORMAT_VERSION"]
 
@@ -839,8 +841,8 @@ def export_artifacts(
     it is an artifact directory (has a manifest.json)."""
     checkpoint, clip, out = Path(checkpoint), Path(clip), Path(out)
     detector = Path(detector) if detector is not None else None
-    if precision not in ("fp32", "fp16"):
-        raise ExportError(f"precision {precision!r}: expected fp32 or fp16")
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if out.exists() and not (out / "manifest.json").is_file():
         raise ExportError(
             f"{out}: exists and is not an artifact directory (no manifest.json); not overwriting"
@@ -850,7 +852,7 @@ def export_artifacts(
     check_export_memory(checkpoint, clip, detector, precision=precision, verify=verify, limit=memory_limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    bar = _Progress(progress, total=7 + int(verify) + int(precision == "fp16"))
+    bar = _Progress(progress, total=7 + int(verify) + int(precision != "fp32"))
     try:
         report = _export_into(
             tmp,
@@ -926,7 +928,7 @@ def _export_into(
 
     with bar.step("write embeddings and tokenizer"), _Timer(report, "tokenizer"):
         table = model.llm.get_input_embeddings().weight.detach().float().numpy()  # [V, H]
-        np.save(tmp / "embed_tokens.npy", table.astype(np.float16 if precision == "fp16" else np.float32))
+        np.save(tmp / "embed_tokens.npy", table.astype(np.float32 if precision == "fp32" else np.float16))
         tok.write_tokenizer_json(checkpoint, tmp / "tokenizer.json")
         for name in TOKENIZER_SIDE_FILES:
             src = checkpoint / name
@@ -1011,7 +1013,8 @@ def export_graphs(
             {"seg_hidden": {0: ("num_masks", 1)}},
         )
     with bar.step("build llm.onnx"), _Timer(report, "llm"):
-        info = build_llm_graph(llm, out_dir / "llm.onnx", precision=precision)
+        # int8/int4: the fp32 graph first (verified like any fp32 export), quantized at the end
+        info = build_llm_graph(llm, out_dir / "llm.onnx", precision="fp16" if precision == "fp16" else "fp32")
         graphs["llm"] = info
 
     if precision == "fp16":
@@ -1036,7 +1039,34 @@ def export_graphs(
                 f"{c.name}.onnx: ONNX Runtime differs from the reference by {c.max_abs:.3g} on {c.output} "
                 f"(limit {c.limit:.3g}, rule {c.rule}); export aborted"
             )
+    if precision in QUANTIZED_PRECISIONS:
+        graphs["llm"] = _quantize_llm_step(
+            out_dir, llm, info, precision, verify, seed, tolerance_scale, bar, report
+        )
     return Graphs(**graphs)
+
+
+def _quantize_llm_step(out_dir, llm, info, precision, verify, seed, scale, bar, report):
+    """int8/int4 (export/quantize.py): quantize the verified fp32 llm.onnx, judge it against that source."""
+    with bar.step(f"quantize llm.onnx ({precision})"), _Timer(report, "quantize"):
+        table = _np(llm.get_input_embeddings().weight)
+        new, check = quantize_llm(out_dir / "llm.onnx", info, llm_model_info(llm), precision, table=table,
+                                  verify=verify, seed=seed, scale=scale)  # fmt: skip
+    if check is not None:
+        for c in report.checks:
+            if c.name == "llm":
+                c.name = "llm_fp32_source"
+        report.checks.append(check)
+        bar.log("  " + check.line())
+        if not check.ok:
+            what = (
+                check.argmax if not check.argmax_ok else f"rel rms err {check.max_abs:.3g} on {check.output}"
+            )
+            raise ExportError(
+                f"llm.onnx ({precision}) differs from its fp32 source beyond the quantization tolerance "
+                f"({what}; limit {check.limit:.3g}, rule {check.rule}); export aborted"
+            )
+    return new
 
 
 def _manifest(

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--clip", required=True)
     e.add_argument("--detector", default=None)
     e.add_argument("--out", required=True)
-    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_export)
 

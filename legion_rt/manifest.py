@@ -114,6 +114,29 @@ class Graph:
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """How llm.onnx's linear weights were quantized (precision int8 / int4): weight-only, block-wise, by ONNX
+    Runtime's ``MatMulNBitsQuantizer`` into ``com.microsoft.MatMulNBits`` nodes. Activations, norms, attention and
+    the KV cache stay float32. The choices and the measurements behind them: export/quantize.py."""
+
+    bits: int  # 8 | 4
+    block_size: int  # weights per scale (and zero point) along the input dimension
+    symmetric: bool  # no zero points (a scale per block only)
+    lm_head_quantized: bool  # the output projection too (else it stays float32)
+    lm_head_bits: int | None = (
+        None  # its bits when quantized (may differ from ``bits``: int4 body, int8 lm_head)
+    )
+    accuracy_level: int = (
+        0  # MatMulNBits accuracy_level: 0 = unset (fp32 compute), 4 = int8 compute on the CPU
+    )
+    method: str = "MatMulNBits"
+    tool: str = "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"
+
+
+PRECISION_BITS = {"int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
 class LlmGraph(Graph):
     """llm.onnx: how the runtime drives it (legion_rt/backends/ort_llm.py). Tensor names with ``{i}`` are per layer.
 
@@ -133,6 +156,7 @@ class LlmGraph(Graph):
     present_key: str = "present.{i}.key"
     present_value: str = "present.{i}.value"
     external_data: str | None = None  # the weights file next to llm.onnx when the graph passes 2 GB
+    quant: Quantization | None = None  # precision int8 / int4 only: how the weights were quantized
 
 
 @dataclass(frozen=True)
@@ -218,6 +242,22 @@ class Manifest:
             raise bad("graphs.llm.kind", f"{llm.kind!r} is not supported by this runtime")
         if llm.kv_dtype not in ("float32", "float16"):
             raise bad("graphs.llm.kv_dtype", f"{llm.kv_dtype!r} must be float32 or float16")
+        if llm.precision != self.precision:
+            raise bad("graphs.llm.precision", f"{llm.precision!r} differs from precision {self.precision!r}")
+        bits = PRECISION_BITS.get(llm.precision)
+        if bits is None and llm.quant is not None:
+            raise bad("graphs.llm.quant", f"present, but precision {llm.precision!r} is not quantized")
+        if bits is not None:
+            if llm.quant is None:
+                raise bad(
+                    "graphs.llm.quant", f"missing: precision {llm.precision!r} needs the quantization record"
+                )
+            if llm.quant.bits != bits:
+                raise bad(
+                    "graphs.llm.quant.bits", f"{llm.quant.bits} does not match precision {llm.precision!r}"
+                )
+            if llm.quant.block_size < 16 or llm.quant.block_size & (llm.quant.block_size - 1):
+                raise bad("graphs.llm.quant.block_size", f"{llm.quant.block_size} is not a power of 2 >= 16")
         m = self.model
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
             if getattr(m, key) < 1:

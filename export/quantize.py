@@ -1,0 +1,468 @@
+"""Weight-only INT8 / INT4 quantization of llm.onnx with ONNX Runtime's own tool, and its verification.
+
+    quantize_llm(out_dir / "llm.onnx", info, "int4") -> (LlmGraph with precision/quant, QuantCheck)
+
+The LLM's MatMul nodes with constant weights (packed QKV, o_proj, gate/up/down, and lm_head unless excluded)
+become ``com.microsoft.MatMulNBits`` (``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``):
+weights stored as ``bits``-bit integers in blocks of ``block_size`` along the input dimension, one fp32 scale (and
+a zero point when not symmetric) per block; activations, norms, attention and the KV cache stay float32. ONNX
+Runtime has CPU kernels for 4 and 8 bits and a CUDA kernel.
+
+Defaults (``QUANT_DEFAULTS``), chosen by measurement on the make_tiny models (benchmarks/precision.py
+``--sweep``; the numbers are in benchmarks/README.md "Quantization choices"):
+
+* block_size 32: the smallest block ONNX Runtime's CPU kernels take; relative logit RMS error of int4 on the
+  small model ~0.5x that of block 128, for +~6 % llm.onnx bytes (the scales).
+* symmetric: asymmetric (zero points) measured no better on these random-weight models (weights are ~symmetric
+  around 0) and costs the zero-point bytes.
+* lm_head quantized: the output projection is a large share of a small vocab model's bytes only for V=32k, H=4k
+  (1 of 7B / 32 layers ~ 2 %); its error measured within the same tolerance.
+* accuracy_level 0 (unset: fp32 compute of dequantized blocks): bit-exact to the dequantized weights' fp32
+  math; level 4 (int8 activations) is faster on some CPUs but adds activation quantization error.
+
+Verification (rule ``quant_rel_rms``): the quantized graph against its fp32 source graph (the llm.onnx that the
+export just verified against PyTorch), same inputs, on the CPU provider: a prefill of random embedding rows, then
+greedy decode steps chosen by the fp32 graph and fed to both (teacher forcing), so every step is judged on its own.
+
+* ``rms(q - fp32) / rms(fp32) <= QUANT_TOLERANCES[bits]`` for the logits and the final hidden state, and
+* greedy argmax identical at every step, except where the fp32 graph's top-2 gap is within twice the step's
+  max |q - fp32| logit error (a flip the measured error can explain; any other flip fails the export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from legion_rt.manifest import PRECISION_BITS, LlmGraph, Quantization
+
+from .onnx_llm import EXTERNAL_DATA_THRESHOLD, ExportError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """max |quantized - dequantized fp32| <= atol + rtol * rms(dequantized fp32), per output."""
+
+    atol: float
+    rtol: float
+
+    def limit(self, ref_rms: float) -> float:
+        return self.atol + self.rtol * ref_rms
+
+    def scaled(self, k: float) -> Tolerance:
+        return Tolerance(self.atol * k, self.rtol * k)
+
+
+QUANTIZED_PRECISIONS = tuple(PRECISION_BITS)  # ("int8", "int4")
+QUANT_DEFAULTS = {
+    "int8": {"block_size": 32, "symmetric": True, "lm_head_bits": 8, "accuracy_level": 0},
+    "int4": {"block_size": 32, "symmetric": True, "lm_head_bits": 8, "accuracy_level": 0},
+}
+# Rule "quant_dequant": the quantized graph against the same graph with its weights dequantized to float32 (what
+# MatMulNBits must compute). Measured max|q - dequantized| / rms(dequantized), worst over logits and hidden, block
+# 32, symmetric and not, int4 and int8, tiny and small, free and loop (2026-11-29): 4.4e-6 .. 7.6e-6 (tiny),
+# 3.3e-5 .. 6.6e-5 (small): the float32 rounding of a differently ordered sum, as fp32 ORT vs PyTorch (7.6e-5 on
+# small). rtol 1e-3 (the fp32 LLM rule's, which a 32-layer 7B gets): >= 15x the worst seen. A wrong scale, zero
+# point or packing changes the output by the quantization step itself (1e-2 .. 1 relative).
+QUANT_TOLERANCE = Tolerance(atol=1e-6, rtol=1e-3)
+
+
+def _quiet() -> None:
+    """The quantizer logs every node at INFO level."""
+    import logging
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+
+
+def lm_head_node(proto) -> str | None:
+    """Name of the MatMul that computes the logits (export/onnx_llm.py names it lm_head_<n>)."""
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and node.name.startswith("lm_head"):
+            return node.name
+    return None
+
+
+def check_matmul_nbits(bits: int) -> None:
+    """ExportError (one line) unless this ONNX Runtime quantizes AND runs a ``bits``-bit MatMulNBits on the CPU
+    provider (the export verifies there): a one-MatMul graph through the same tool, run and compared."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    version = ort.__version__
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        _quiet()
+    except Exception as err:  # noqa: BLE001 - any import failure means the tool is missing
+        raise ExportError(
+            f"onnxruntime {version} has no MatMulNBitsQuantizer ({type(err).__name__}); "
+            f"--precision int{bits} needs onnxruntime >= 1.20"
+        ) from None
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="probe")],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    try:
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True)
+        q.process()
+        proto = q.model.model
+        if not any(n.op_type == "MatMulNBits" for n in proto.graph.node):
+            raise RuntimeError("the tool left the MatMul unquantized")
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        (y,) = sess.run(None, {"x": x})
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types
+        msg = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ExportError(
+            f"onnxruntime {version} cannot quantize or run a {bits}-bit MatMulNBits on the CPU provider ({msg}); "
+            f"--precision int{bits} needs a newer onnxruntime"
+        ) from None
+    err = float(np.abs(y - x @ w).max() / np.abs(x @ w).max())
+    if not err < (0.02 if bits == 8 else 0.3):
+        raise ExportError(
+            f"onnxruntime {version}: its {bits}-bit MatMulNBits gives a relative error of {err:.3g} on a probe "
+            f"matrix; --precision int{bits} refused"
+        )
+    _ = onnx  # the probe is built with onnx helpers
+
+
+def quantize_file(
+    src: Path,
+    dst: Path,
+    *,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    lm_head_bits: int,
+    accuracy_level: int = 0,
+) -> Quantization:
+    """Quantize the MatMul weights of ``src`` (an fp32 llm.onnx) into ``dst`` (external data ``dst.data`` when
+    it would pass 2 GB). ``lm_head_bits``: 0 keeps the output projection fp32, else its bits (two passes of the
+    tool when it differs from ``bits``). Returns the manifest record."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    _quiet()
+    proto = onnx.load(str(src), load_external_data=True)
+    head = lm_head_node(proto)
+    if head is None:
+        lm_head_bits = 0
+    passes = [(bits, [head] if (head is not None and lm_head_bits != bits) else [], None)]
+    if lm_head_bits and lm_head_bits != bits:
+        passes.append((lm_head_bits, [], [head]))
+    for b, exclude, include in passes:
+        q = MatMulNBitsQuantizer(
+            proto,
+            bits=b,
+            block_size=block_size,
+            is_symmetric=symmetric,
+            accuracy_level=accuracy_level or None,
+            nodes_to_exclude=exclude,
+            nodes_to_include=include,
+        )
+        q.process()
+        proto = q.model.model
+    left = [n.name for n in proto.graph.node if n.op_type == "MatMul" and (n.name != head or lm_head_bits)]
+    if left:
+        raise ExportError(f"MatMulNBitsQuantizer left MatMul nodes unquantized: {left[:3]}")
+    data = dst.with_name(dst.name + ".data")
+    if data.exists():
+        data.unlink()
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)  # fmt: skip
+    else:
+        onnx.save_model(proto, str(dst))
+    return Quantization(
+        bits=bits,
+        block_size=block_size,
+        symmetric=symmetric,
+        lm_head_quantized=bool(lm_head_bits),
+        lm_head_bits=int(lm_head_bits) or None,
+        accuracy_level=int(accuracy_level or 0),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ verification
+def _session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_llm(path: Path, model_info, info: LlmGraph, embeds: np.ndarray, feed: list | None, steps: int,
+            table: np.ndarray, threads: int = 0):  # fmt: skip
+    """Prefill ``embeds`` [1,P,H], then ``steps`` steps. ``feed``: the token ids to feed (teacher forcing), or
+    None for greedy on this graph. Returns (logits [steps+1, V], hidden [steps+1, H], fed ids)."""
+    from legion_rt.backends.ort_llm import OrtLLM
+
+    runner = OrtLLM(_session(path, threads), model_info, info)
+    cache = runner.new_cache(embeds.shape[1] + steps)
+    logits, hidden, ids = [], [], []
+    x = embeds
+    for k in range(steps + 1):
+        lg, hd = runner.forward(cache, x)
+        logits.append(np.asarray(lg, np.float32).reshape(-1))
+        hidden.append(np.asarray(hd, np.float32).reshape(-1))
+        if k == steps:
+            break
+        nxt = int(feed[k]) if feed is not None else int(np.argmax(logits[-1]))
+        ids.append(nxt)
+        x = table[nxt][None, None].astype(np.float32)
+    return np.stack(logits), np.stack(hidden), ids
+
+
+def dequantized_graph(q_path: Path, dst: Path) -> int:
+    """Write ``dst``: ``q_path`` with every MatMulNBits replaced by a float32 MatMul over its dequantized weights
+    ((q - zero_point) * scale per block; zero point 2^(bits-1) when symmetric). The quantized graph must compute
+    exactly this graph's function, up to float32 rounding. Returns the number of nodes replaced."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(q_path), load_external_data=True)
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes, new_inits, drop, count = [], [], set(), 0
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        K, N, bits, bs = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+        nb = -(-K // bs)
+        packed = numpy_helper.to_array(inits[node.input[1]]).reshape(N, nb, -1)
+        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(N, nb)
+        if bits == 4:
+            q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(N, nb, -1)[:, :, :bs]
+        elif bits == 8:
+            q = packed[:, :, :bs]
+        else:
+            raise ExportError(f"{node.name}: MatMulNBits with {bits} bits is not handled here")
+        zp = np.full((N, nb), 2 ** (bits - 1), np.float32)
+        if len(node.input) > 3 and node.input[3]:
+            z = numpy_helper.to_array(inits[node.input[3]]).reshape(N, -1)
+            if z.dtype != np.uint8:
+                raise ExportError(f"{node.name}: float zero points are not handled here")
+            if bits == 4:
+                z = np.stack([z & 0x0F, z >> 4], axis=-1).reshape(N, -1)
+            zp = z[:, :nb].astype(np.float32)
+        w = ((q.astype(np.float32) - zp[:, :, None]) * scales[:, :, None]).reshape(N, nb * bs)[:, :K]
+        name = node.name + ".dequantized"
+        new_inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+        drop.update(i for i in node.input[1:] if i)
+        out = node.output[0]
+        if len(node.input) > 5 and node.input[5]:
+            mid = out + ".nobias"
+            nodes.append(helper.make_node("MatMul", [node.input[0], name], [mid], name=node.name))
+            nodes.append(helper.make_node("Add", [mid, node.input[5]], [out], name=node.name + ".bias"))
+            drop.discard(node.input[5])
+        else:
+            nodes.append(helper.make_node("MatMul", [node.input[0], name], [out], name=node.name))
+        count += 1
+    keep = [t for t in proto.graph.initializer if t.name not in drop]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep + new_inits)
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data", size_threshold=1024)  # fmt: skip
+    else:
+        onnx.save_model(proto, str(dst))
+    return count
+
+
+def _centered(x: np.ndarray) -> np.ndarray:
+    """Logits minus their mean per step (softmax and argmax ignore a common offset; random-weight models have
+    offsets of 1e4 that would hide every difference in a relative error)."""
+    x = x.astype(np.float64)
+    return x - x.mean(axis=-1, keepdims=True)
+
+
+def _rel_rms(a: np.ndarray, ref: np.ndarray) -> float:
+    a, ref = a.astype(np.float64), ref.astype(np.float64)
+    return float(np.sqrt(np.mean((a - ref) ** 2)) / max(np.sqrt(np.mean(ref**2)), 1e-30))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest per-row cosine similarity."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+    return float(cos.min())
+
+
+def compare_to_source(got_l, got_h, ref_l, ref_h) -> dict:
+    """What quantization changed against the fp32 source (recorded, not judged: on random weights it measures
+    the model's sensitivity more than the method; benchmarks/precision.py reports it per model)."""
+    margins = np.sort(ref_l, axis=-1)[:, -2:]
+    same = np.argmax(got_l, -1) == np.argmax(ref_l, -1)
+    return {
+        "logits_rel_rms_centered": _rel_rms(_centered(got_l), _centered(ref_l)),
+        "hidden_min_cosine": _cosine(got_h, ref_h),
+        "greedy_identical": f"{int(same.sum())}/{len(same)}",
+        "fp32_top2_margin_median": float(np.median(margins[:, 1] - margins[:, 0])),
+    }
+
+
+@dataclass
+class QuantCheck:
+    """Verdict for the quantized llm.onnx (same interface as onnx_export's per-graph check)."""
+
+    name: str
+    rule: str
+    max_abs: float  # max |q - dequantized fp32| of the worst output
+    limit: float
+    output: str
+    ref_max: float
+    ref_rms: float
+    argmax: str
+    argmax_ok: bool
+    note: str = ""
+    source: dict = dataclasses.field(default_factory=dict)  # compare_to_source
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.max_abs)) and self.max_abs <= self.limit and self.argmax_ok
+
+    @property
+    def torch_err(self):  # the fp64 rule's field; not this rule's
+        return None
+
+    def to_json(self) -> dict:
+        out = {"rule": self.rule, "max_abs_err": self.max_abs, "limit": self.limit, "output": self.output,
+               "ref_max": self.ref_max, "ref_rms": self.ref_rms, "greedy_argmax": self.argmax,
+               "reference": "llm.onnx with the dequantized weights in float32",
+               "vs_fp32_source": self.source}  # fmt: skip
+        if self.note:
+            out["note"] = self.note
+        return out
+
+    def line(self) -> str:
+        src = ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.source.items()
+        )
+        return (f"{self.name:<12} {self.rule} max abs err {self.max_abs:.3g} (limit {self.limit:.3g}; |ref| max "
+                f"{self.ref_max:.3g}, rms {self.ref_rms:.3g}) [{self.output}]; greedy: {self.argmax}; "
+                f"vs fp32 source: {src}")  # fmt: skip
+
+
+def verify_quantized(q_path: Path, fp32_path: Path, model_info, fp32_info: LlmGraph, q_info: LlmGraph,
+                     table: np.ndarray, *, seed: int = 0, prompt: int = 24, steps: int = 16,
+                     scale: float = 1.0) -> QuantCheck:  # fmt: skip
+    """Judge ``q_path`` (rule ``quant_dequant``, see the module docstring) and measure it against ``fp32_path``."""
+    rng = np.random.default_rng(seed)
+    embeds = table[rng.integers(0, table.shape[0], prompt)][None].astype(np.float32)
+    ref_l, ref_h, ids = run_llm(fp32_path, model_info, fp32_info, embeds, None, steps, table)
+    deq_path = fp32_path.with_name("llm.dequantized.onnx")
+    dequantized_graph(q_path, deq_path)
+    # both fed the fp32 source's greedy tokens (teacher forcing): every step is judged on the same inputs
+    deq_l, deq_h, _ = run_llm(deq_path, model_info, fp32_info, embeds, ids, steps, table)
+    got_l, got_h, _ = run_llm(q_path, model_info, q_info, embeds, ids, steps, table)
+    tol = QUANT_TOLERANCE.scaled(scale)
+    worst, ratio = None, -1.0
+    for name, got, ref in (("logits", got_l, deq_l), ("hidden", got_h, deq_h)):
+        err = float(np.abs(got.astype(np.float64) - ref).max())
+        rms = float(np.sqrt(np.mean(ref.astype(np.float64) ** 2)))
+        lim = tol.limit(rms)
+        if err / lim > ratio:
+            ratio, worst = err / lim, (name, err, lim, float(np.abs(ref).max()), rms)
+    name, err, lim, ref_max, ref_rms = worst
+    logit_lim = tol.limit(float(np.sqrt(np.mean(deq_l.astype(np.float64) ** 2))))
+    flips, bad = 0, 0
+    for k in range(steps + 1):  # a flip is accepted only at a tie within the logits' limit (as the fp32 rule)
+        a, b = int(np.argmax(got_l[k])), int(np.argmax(deq_l[k]))
+        if a != b:
+            flips += 1
+            bad += float(deq_l[k, b] - deq_l[k, a]) > logit_lim
+    argmax = f"{steps + 1 - flips}/{steps + 1} identical" + (
+        f", {flips - bad} near-tie(s)" if flips - bad else ""
+    )
+    return QuantCheck(
+        name="llm",
+        rule="quant_dequant",
+        max_abs=err if np.isfinite(err) else float("inf"),
+        limit=lim,
+        output=name,
+        ref_max=ref_max,
+        ref_rms=ref_rms,
+        argmax=argmax,
+        argmax_ok=bad == 0,
+        note=f"int{q_info.quant.bits}, prefill {prompt} + {steps} steps",
+        source=compare_to_source(got_l, got_h, ref_l, ref_h),
+    )
+
+
+def quantize_llm(
+    llm_path: Path,
+    info: LlmGraph,
+    model_info,
+    precision: str,
+    *,
+    table: np.ndarray | None = None,
+    verify: bool = True,
+    seed: int = 0,
+    scale: float = 1.0,
+    block_size: int | None = None,
+    symmetric: bool | None = None,
+    lm_head_bits: int | None = None,
+    accuracy_level: int | None = None,
+) -> tuple[LlmGraph, QuantCheck | None]:
+    """Replace the fp32 ``llm_path`` by its ``precision`` (int8/int4) quantization; with ``verify``, judge it
+    against the fp32 graph first (``table``: the embedding table, for the check's inputs). Returns the updated
+    manifest entry and the check (None without ``verify``). Raises ExportError (one line) when this ONNX Runtime
+    lacks the operator or the check fails."""
+    if precision not in QUANTIZED_PRECISIONS:
+        raise ExportError(f"precision {precision!r}: expected one of {', '.join(QUANTIZED_PRECISIONS)}")
+    if info.precision != "fp32":
+        raise ExportError(f"quantization starts from an fp32 llm.onnx, got {info.precision}")
+    bits = PRECISION_BITS[precision]
+    check_matmul_nbits(bits)
+    d = QUANT_DEFAULTS[precision]
+    llm_path = Path(llm_path)
+    # The fp32 source moves into a side directory with its external data (the graph names that file), where the
+    # check reads it; the directory is removed before the manifest lists the files.
+    side = llm_path.parent / ".fp32-source"
+    side.mkdir(exist_ok=True)
+    src = side / llm_path.name
+    shutil.move(llm_path, src)
+    data = llm_path.with_name(llm_path.name + ".data")
+    if data.exists():
+        shutil.move(data, side / data.name)
+    try:
+        quant = quantize_file(
+            src,
+            llm_path,
+            bits=bits,
+            block_size=block_size or d["block_size"],
+            symmetric=d["symmetric"] if symmetric is None else symmetric,
+            lm_head_bits=d["lm_head_bits"] if lm_head_bits is None else lm_head_bits,
+            accuracy_level=d["accuracy_level"] if accuracy_level is None else accuracy_level,
+        )
+        new = dataclasses.replace(
+            info, precision=precision, quant=quant, external_data=data.name if data.exists() else None
+        )
+        check = None
+        if verify:
+            if table is None:
+                raise ExportError("verifying a quantized llm.onnx needs the embedding table")
+            check = verify_quantized(llm_path, src, model_info, info, new, table, seed=seed, scale=scale)
+    finally:
+        shutil.rmtree(side, ignore_errors=True)
+    return new, check
