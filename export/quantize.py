@@ -62,6 +62,13 @@ QUANT_DEFAULTS = {
     "int8": {"block_size": 32, "symmetric": True, "lm_head_bits": 8, "accuracy_level": 0},
     "int4": {"block_size": 32, "symmetric": True, "lm_head_bits": 8, "accuracy_level": 0},
 }
+# Weights: rms(dequantized - fp32) / rms(fp32) per matrix must stay below what round-to-nearest on blocks of 32
+# gives: for Gaussian-like weights the block absmax is ~2.2 sigma, so the step is 2 x 2.2 sigma / (2^bits - 1)
+# and the rms error step / sqrt(12): ~0.085 (int4), ~0.005 (int8). Measured worst matrix (block 32, symmetric,
+# tiny and small, loop and free, 2026-11-29): int4 0.0872, int8 0.0054. Limits ~2.2x, room for the heavier tails
+# of trained weights (a 3-sigma block absmax gives 0.115 in int4); they catch a packing or transposition error, a
+# zero point off by one step, or scales off by more than ~20 % (int4) / ~10 % (int8), not small scale errors.
+WEIGHT_REL_RMS = {4: 0.2, 8: 0.012}
 # Rule "quant_dequant": the quantized graph against the same graph with its weights dequantized to float32 (what
 # MatMulNBits must compute). Measured max|q - dequantized| / rms(dequantized), worst over logits and hidden, block
 # 32, symmetric and not, int4 and int8, tiny and small, free and loop (2026-11-29): 4.4e-6 .. 7.6e-6 (tiny),
@@ -229,7 +236,7 @@ def run_llm(path: Path, model_info, info: LlmGraph, embeds: np.ndarray, feed: li
     return np.stack(logits), np.stack(hidden), ids
 
 
-def dequantized_graph(q_path: Path, dst: Path) -> int:
+def dequantized_graph(q_path: Path, dst: Path, weights: dict | None = None) -> int:
     """Write ``dst``: ``q_path`` with every MatMulNBits replaced by a float32 MatMul over its dequantized weights
     ((q - zero_point) * scale per block; zero point 2^(bits-1) when symmetric). The quantized graph must compute
     exactly this graph's function, up to float32 rounding. Returns the number of nodes replaced."""
@@ -265,6 +272,8 @@ def dequantized_graph(q_path: Path, dst: Path) -> int:
         w = ((q.astype(np.float32) - zp[:, :, None]) * scales[:, :, None]).reshape(N, nb * bs)[:, :K]
         name = node.name + ".dequantized"
         new_inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+        if weights is not None:
+            weights[node.name] = (w.T, bits)
         drop.update(i for i in node.input[1:] if i)
         out = node.output[0]
         if len(node.input) > 5 and node.input[5]:
@@ -287,6 +296,27 @@ def dequantized_graph(q_path: Path, dst: Path) -> int:
     else:
         onnx.save_model(proto, str(dst))
     return count
+
+
+def weight_errors(fp32_path: Path, deq: dict) -> dict:
+    """Per quantized matrix: rms(dequantized - fp32 source) / rms(fp32 source), and its bits. The quantizer names
+    a MatMul ``<name>`` of the source ``<name>_Q<bits>``."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(fp32_path), load_external_data=True)
+    inits = {t.name: t for t in proto.graph.initializer}
+    src = {n.name: n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    out = {}
+    for name, (w, bits) in deq.items():
+        base = name.rsplit("_Q", 1)[0]
+        if base not in src:
+            raise ExportError(f"{name}: no MatMul {base} in the fp32 source graph")
+        ref = numpy_helper.to_array(inits[src[base]]).astype(np.float64)
+        if ref.shape != w.shape:
+            raise ExportError(f"{name}: dequantized weight {w.shape} != fp32 source {ref.shape}")
+        out[base] = (_rel_rms(w, ref), bits)
+    return out
 
 
 def _centered(x: np.ndarray) -> np.ndarray:
@@ -336,6 +366,7 @@ class QuantCheck:
     argmax_ok: bool
     note: str = ""
     source: dict = dataclasses.field(default_factory=dict)  # compare_to_source
+    weights: dict = dataclasses.field(default_factory=dict)  # dequantized weights vs the fp32 source's
 
     @property
     def ok(self) -> bool:
@@ -349,7 +380,7 @@ class QuantCheck:
         out = {"rule": self.rule, "max_abs_err": self.max_abs, "limit": self.limit, "output": self.output,
                "ref_max": self.ref_max, "ref_rms": self.ref_rms, "greedy_argmax": self.argmax,
                "reference": "llm.onnx with the dequantized weights in float32",
-               "vs_fp32_source": self.source}  # fmt: skip
+               "vs_fp32_source": self.source, "weights": self.weights}  # fmt: skip
         if self.note:
             out["note"] = self.note
         return out
@@ -371,7 +402,12 @@ def verify_quantized(q_path: Path, fp32_path: Path, model_info, fp32_info: LlmGr
     embeds = table[rng.integers(0, table.shape[0], prompt)][None].astype(np.float32)
     ref_l, ref_h, ids = run_llm(fp32_path, model_info, fp32_info, embeds, None, steps, table)
     deq_path = fp32_path.with_name("llm.dequantized.onnx")
-    dequantized_graph(q_path, deq_path)
+    deq_weights: dict = {}
+    dequantized_graph(q_path, deq_path, deq_weights)
+    weight_err = weight_errors(fp32_path, deq_weights)
+    weight_bad = [
+        f"{k} {e:.3g} > {WEIGHT_REL_RMS[b]}" for k, (e, b) in weight_err.items() if not e <= WEIGHT_REL_RMS[b]
+    ]
     # both fed the fp32 source's greedy tokens (teacher forcing): every step is judged on the same inputs
     deq_l, deq_h, _ = run_llm(deq_path, model_info, fp32_info, embeds, ids, steps, table)
     got_l, got_h, _ = run_llm(q_path, model_info, q_info, embeds, ids, steps, table)
@@ -394,6 +430,8 @@ def verify_quantized(q_path: Path, fp32_path: Path, model_info, fp32_info: LlmGr
     argmax = f"{steps + 1 - flips}/{steps + 1} identical" + (
         f", {flips - bad} near-tie(s)" if flips - bad else ""
     )
+    if weight_bad:
+        argmax += f"; dequantized weights off their fp32 source: {weight_bad[0]}"
     return QuantCheck(
         name="llm",
         rule="quant_dequant",
@@ -403,8 +441,16 @@ def verify_quantized(q_path: Path, fp32_path: Path, model_info, fp32_info: LlmGr
         ref_max=ref_max,
         ref_rms=ref_rms,
         argmax=argmax,
-        argmax_ok=bad == 0,
+        argmax_ok=bad == 0 and not weight_bad,
         note=f"int{q_info.quant.bits}, prefill {prompt} + {steps} steps",
+        weights={
+            "worst_rel_rms": {
+                f"int{b}": max(e for e, bb in weight_err.values() if bb == b)
+                for b in sorted({b for _, b in weight_err.values()})
+            },
+            "limits": {f"int{b}": WEIGHT_REL_RMS[b] for b in sorted({b for _, b in weight_err.values()})},
+            "over": weight_bad,
+        },  # fmt: skip
         source=compare_to_source(got_l, got_h, ref_l, ref_h),
     )
 

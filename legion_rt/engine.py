@@ -67,6 +67,7 @@ class Engine:
         sam_start: str = "auto",
         max_concurrency: int | None = None,
         max_queue: int | None = None,
+        max_memory: int | None = None,
     ):
         self.art: ArtifactDir = load_artifacts(
             artifacts, verify=verify
@@ -87,6 +88,8 @@ class Engine:
             sam_start = "early" if threads is not None and cores >= 2 * int(threads) else "after_prefill"
         self.sam_start = sam_start
         self._admission = Admission(max_concurrency, max_queue)
+        # bytes one request may use: weights + activation estimate + its KV cache (legion_rt/memory_plan.py)
+        self.max_memory = None if max_memory is None else int(max_memory)
         self._ops = ops
         self._backend = create_backend(self.art, backend, threads=threads, providers=providers)
         self.backend_name = self._backend.name
@@ -189,6 +192,10 @@ class Engine:
             seed=seed,
             ignore_eos=ignore_eos,
         ).validate(prompt_len=self.prompt_length, max_positions=self.max_positions)
+        if self.max_memory is not None:
+            from .memory_plan import check_request_memory
+
+            check_request_memory(self.art.root, opts.max_new_tokens, self.max_memory)
         if skip_if_real is not None:
             if isinstance(skip_if_real, bool) or not isinstance(skip_if_real, (int, float)):
                 raise RequestError(f"skip_if_real={skip_if_real!r}: must be a number in [0, 1] or None")
