@@ -90,6 +90,7 @@ class MemoryPlan:
     kv_cache: int
     activations: int
     kv_bytes_per_position: int
+    max_positions: int = 1 << 62
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -104,9 +105,11 @@ class MemoryPlan:
         return self.total <= budget
 
     def max_new_tokens_within(self, budget: int) -> int:
-        """The largest max_new_tokens whose plan fits ``budget`` (0 when not even the prompt fits)."""
+        """The largest max_new_tokens whose plan fits ``budget`` (0 when not even the prompt fits), at most what
+        the model's positions allow."""
         room = budget - self.weights - self.activations - self.prompt_length * self.kv_bytes_per_position
-        return max(0, room // self.kv_bytes_per_position) if room > 0 else 0
+        fit = max(0, room // self.kv_bytes_per_position) if room > 0 else 0
+        return int(min(fit, self.max_positions - self.prompt_length))
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.graphs.items())
@@ -332,6 +335,7 @@ def plan_memory(
         kv_cache=per_pos * (s.prompt_length + int(max_new_tokens)),
         activations=activation_bytes(s, precision),
         kv_bytes_per_position=per_pos,
+        max_positions=s.max_position_embeddings,
         notes=notes,
     )
 
