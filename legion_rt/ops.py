@@ -204,6 +204,15 @@ def cuda_available() -> bool:
         return False
 
 
+def cuda_memory_pools_supported(device: int = 0) -> bool:
+    """Whether ``device`` supports stream-ordered allocation. The kernels' scratch buffers use cudaMallocAsync
+    there and cudaMalloc / cudaFree elsewhere (some virtualized GPUs have no memory pools). Never raises."""
+    try:
+        return bool(_C.cuda_memory_pools_supported(int(device)))
+    except Exception:
+        return False
+
+
 def preprocess_cuda(
     rgb_ptr: int,
     size: Sequence[int],
