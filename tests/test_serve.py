@@ -632,3 +632,16 @@ def test_real_engine_json_sse_and_busy(tiny_artifacts):
         assert (
             httpx.post(base + "/v1/analyze?max_new_tokens=2", content=PICTURE, timeout=60).status_code == 200
         )
+
+
+def test_cli_bad_artifacts_exits_1(tmp_path):
+    """The port is bound first, the model loads in the background: a bad artifact directory still ends the
+    process with exit 1 and the reason on the last line."""
+    p = subprocess.run(
+        [sys.executable, "-m", "legion_rt", "serve", "--artifacts", str(tmp_path), "--port", "0"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert p.returncode == 1, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("legion-rt: error: ") and "manifest.json" in last, p.stderr
+    assert "Traceback" not in p.stderr

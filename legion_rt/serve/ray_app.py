@@ -41,15 +41,23 @@ def _import_ray():
 
 
 def deployment(
-    artifacts: str, config: ServeConfig, engine_kwargs: dict[str, Any] | None = None, *, name="legion_rt"
+    artifacts: str,
+    config: ServeConfig,
+    engine_kwargs: dict[str, Any] | None = None,
+    *,
+    name: str = "legion_rt",
+    num_cpus: float | None = None,
 ):
-    """A bound Ray Serve application: ``config.replicas`` replicas of the HTTP application over ``artifacts``."""
+    """A bound Ray Serve application: ``config.replicas`` replicas of the HTTP application over ``artifacts``.
+    ``num_cpus``: CPUs Ray reserves per replica (default: Engine ``threads`` when given, else Ray's default)."""
     _, serve = _import_ray()
     cfg = dataclasses.asdict(config)
     ekw = dict(engine_kwargs or {})
     ekw.setdefault("max_concurrency", config.max_concurrency)
     ekw.setdefault("max_queue", config.max_queue)
     art = str(artifacts)
+    if num_cpus is None and ekw.get("threads"):
+        num_cpus = float(ekw["threads"])
 
     def build_asgi_app():  # runs in each replica
         from legion_rt.serve import make_engine
@@ -67,12 +75,14 @@ def deployment(
         max_ongoing_requests=config.max_concurrency + config.max_queue + 1,
         graceful_shutdown_timeout_s=max(1.0, config.drain_timeout),
         health_check_period_s=10,
+        ray_actor_options={"num_cpus": float(num_cpus)} if num_cpus is not None else None,
     ).bind()
 
 
 def build_app(args: dict[str, str]):
     """``serve run legion_rt.serve.ray_app:build_app artifacts=ART [replicas=N] [max_concurrency=N] ...``: every
-    ServeConfig field by name, plus the Engine's ``backend``, ``threads``, ``providers``, ``verify``."""
+    ServeConfig field by name, the Engine's ``backend``, ``threads``, ``providers``, ``verify``, and ``num_cpus``
+    (CPUs Ray reserves per replica; default ``threads``)."""
     from . import OPTIONS, _convert
 
     args = dict(args)
@@ -85,6 +95,7 @@ def build_app(args: dict[str, str]):
             ekw[k] = args.pop(k).split(",") if k == "providers" else args.pop(k)
     if "threads" in args:
         ekw["threads"] = int(args.pop("threads"))
+    num_cpus = float(args.pop("num_cpus")) if "num_cpus" in args else None
     values: dict[str, Any] = {}
     for k, (env, *_rest) in OPTIONS.items():
         if k in args:
@@ -95,7 +106,7 @@ def build_app(args: dict[str, str]):
         raise ValueError(f"unknown argument(s): {', '.join(sorted(args))}")
     config = ServeConfig(**values)
     config.load_keys()
-    return deployment(art, config, ekw)
+    return deployment(art, config, ekw, num_cpus=num_cpus)
 
 
 def run_ray(artifacts: str, config: ServeConfig, engine_kwargs: dict[str, Any]) -> int:
