@@ -177,6 +177,10 @@ def test_status_codes_and_error_bodies():
         assert "without a file field" in _one_line_error(
             httpx.post(base + "/v1/analyze", files={"other": ("a", b"x")}), 400
         )
+        bad_multipart = {"content-type": "multipart/form-data"}  # no boundary
+        assert "bad multipart body" in _one_line_error(
+            post("/v1/analyze", b"abc", headers=bad_multipart), 400
+        )
         assert "over the limit" in _one_line_error(post("/v1/analyze", PICTURE + b"x" * 100), 413)
 
         def chunked():

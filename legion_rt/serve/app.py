@@ -130,7 +130,9 @@ async def _picture(request: Request, body: bytes, limit: int) -> bytes:
         try:
             form = await Request(request.scope, replay).form(max_files=4, max_fields=32, max_part_size=limit)
         except Exception as e:  # python-multipart's errors
-            raise _BodyError(400, "bad_request", f"bad multipart body ({str(e).splitlines()[0]})") from None
+            raise _BodyError(
+                400, "bad_request", f"bad multipart body ({(str(e) or type(e).__name__).splitlines()[0]})"
+            ) from None
         f = form.get("file")
         if f is None or isinstance(f, str):
             raise _BodyError(400, "bad_request", "multipart body without a file field named 'file'")
