@@ -414,7 +414,7 @@ def test_admission_gate_fifo_busy_deadline():
 @pytest.mark.parametrize("mode", ["sse", "json"])
 def test_disconnect_cancels_within_one_step(mode, caplog):
     caplog.set_level(logging.INFO)
-    step = 0.1
+    step = 0.25  # long enough that scheduling noise on a busy 2-core machine stays well under one step
     eng = FakeEngine(tokens=300, step_s=step, max_concurrency=1)
     with serving(eng) as (base, _):
         _ready(base)
@@ -432,7 +432,7 @@ def test_disconnect_cancels_within_one_step(mode, caplog):
         closed_at = time.monotonic()
         rec = eng.records[-1]
         _wait(lambda: rec["closed_early"], timeout=5, what="the request to be cancelled")
-        assert rec["closed_at"] - closed_at < 2 * step + 0.15  # at most one decode step (+ scheduling)
+        assert rec["closed_at"] - closed_at < 2 * step  # the step under way, then no more
         assert sum(t > closed_at for t in rec["step_times"]) <= 1
         _wait(lambda: eng.running_requests == 0, what="the slot to be released")
         assert httpx.post(base + "/v1/analyze?max_new_tokens=2", content=PICTURE).status_code == 200
