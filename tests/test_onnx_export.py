@@ -164,7 +164,8 @@ def test_llm_runner_on_the_artifact_greedy_matches_eager(tiny_artifacts, manifes
     then 40 greedy steps; tokens identical to eager transformers, logits/hidden within tolerance."""
     from transformers import DynamicCache
 
-    runner = OrtLLM(tiny_artifacts / "llm.onnx", manifest, threads=1)
+    typed = Manifest.from_json(manifest)
+    runner = OrtLLM(tiny_artifacts / "llm.onnx", typed.model, typed.graphs.llm, threads=1)
     table = np.load(tiny_artifacts / "embed_tokens.npy")
     prefix, suffix = manifest["prompt"]["prefix_ids"], manifest["prompt"]["suffix_ids"]
     px = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(13))
