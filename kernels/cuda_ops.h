@@ -21,6 +21,8 @@ int postprocess_masks_cuda(const float* low_res, int n, int in_h, int in_w, int 
 
 // Number of usable CUDA devices; 0 on any error (no driver, no device). Never throws.
 int cuda_device_count();
+// Whether `device` supports stream-ordered allocation (memory pools); asked once per device. False on any error.
+bool cuda_memory_pools_supported(int device);
 const char* cuda_error_string(int code);
 
 }  // namespace lrt
