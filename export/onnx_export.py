@@ -53,7 +53,7 @@ from . import graphs as torch_graphs
 from .memory import check_export_memory
 from .onnx_llm import ExportError, build_llm_graph, check_checkpoint_head_dim, llm_model_info
 from .progress import Progress
-from .quantize import QUANTIZED_PRECISIONS, quantize_llm
+from .quantize import QUANTIZED_PRECISIONS, check_matmul_nbits, quantize_llm
 from .verify import verify_graphs
 
 __all__ = ["ExportError", "export_artifacts", "FORMAT_VERSION"]
@@ -95,6 +95,10 @@ def export_artifacts(
         )
     # Refuse early, with a message, rather than be killed by the kernel after minutes of loading.
     check_checkpoint_head_dim(checkpoint)
+    if (
+        precision in QUANTIZED_PRECISIONS
+    ):  # this ONNX Runtime quantizes and runs MatMulNBits (export/quantize.py)
+        check_matmul_nbits(precision)
     check_export_memory(checkpoint, clip, detector, precision=precision, verify=verify, limit=memory_limit)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -104,9 +104,11 @@ def lm_head_node(proto) -> str | None:
     return None
 
 
-def check_matmul_nbits(bits: int) -> None:
+def check_matmul_nbits(bits: int | str) -> None:
     """ExportError (one line) unless this ONNX Runtime quantizes AND runs a ``bits``-bit MatMulNBits on the CPU
-    provider (the export verifies there): a one-MatMul graph through the same tool, run and compared."""
+    provider (the export verifies there): a one-MatMul graph through the same tool, run and compared.
+    ``bits``: 4 / 8 or "int4" / "int8"."""
+    bits = PRECISION_BITS[bits] if isinstance(bits, str) else int(bits)
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper

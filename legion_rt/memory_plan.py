@@ -171,7 +171,9 @@ def sam_params(s: Sizes) -> int:
         2 * s.sam_grid - 1
     ) * hd
     neck = C * s.sam_out_chans + 2 * s.sam_out_chans + 9 * s.sam_out_chans**2 + 2 * s.sam_out_chans
-    return emb + s.sam_depth * block + rel + neck
+    # torch.onnx folds the relative-position lookups (rel_pos[q - k], constant indices) into [S, S, hd] tables
+    folded = (s.sam_depth - s.sam_global) * 2 * s.sam_window**2 * hd + s.sam_global * 2 * s.sam_grid**2 * hd
+    return emb + s.sam_depth * block + rel + neck + folded
 
 
 def mask_head_bytes(s: Sizes, per: int) -> int:

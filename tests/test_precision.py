@@ -139,6 +139,26 @@ def test_refuses_when_onnxruntime_lacks_the_operator(monkeypatch):
     assert "\n" not in msg and "MatMulNBits" in msg and "int4" in msg and ort.__version__ in msg
 
 
+
+def test_export_refuses_before_reading_weights(monkeypatch, tiny_paths, tmp_path):
+    """The export asks ONNX Runtime first: the refusal comes before the checkpoint is loaded."""
+    import export.checkpoint as ck
+    from export import quantize
+
+    def unavailable(bits):
+        raise ExportError(f"onnxruntime 0.0 cannot quantize or run a {bits}-bit MatMulNBits (test)")
+
+    def no_load(*a, **k):
+        raise AssertionError("the checkpoint was loaded")
+
+    monkeypatch.setattr(quantize, "check_matmul_nbits", unavailable)
+    monkeypatch.setattr("export.onnx_export.check_matmul_nbits", unavailable)
+    monkeypatch.setattr(ck, "load_legion", no_load)
+    with pytest.raises(ExportError, match="MatMulNBits"):
+        _export(tiny_paths, tmp_path / "x", "int8")
+    assert not (tmp_path / "x").exists()
+
+
 def test_precision_argument(tiny_paths, tmp_path):
     from legion_rt.cli import build_parser
 
