@@ -63,7 +63,7 @@ def pictures() -> dict[str, np.ndarray]:
 
 def teacher_forced(eng, rgb, tokens: list[int]):
     """The engine's LLM over ``rgb``'s prompt, fed ``tokens``: (argmax per step, logits per step)."""
-    clip_px, _ = eng._preprocess(rgb)
+    clip_px = eng._preprocess(rgb)[0]  # (clip, sam, (h, w))
     image_embeds, _ = eng._backend.vision(clip_px)
     llm = eng._backend.llm
     cache = llm.clone_cache(eng._prefix_cache, eng.prompt_length + len(tokens) + 1)

@@ -79,8 +79,8 @@ def export_artifacts(
     """Write the artifact directory ``out`` (docs/FORMAT.md) from a LEGION checkpoint directory, a CLIP
     directory and an optional detector file. Returns ``out`` as a Path.
 
-    ``precision``: "fp32" (every provider) or "fp16" (weights and compute in fp16, for GPU providers; inputs and
-    outputs stay f32). ``verify``: run every graph in ONNX Runtime (CPU) on seeded inputs and judge it against
+    ``precision``: "fp32" (every provider), "fp16" (weights and compute in fp16, for GPU providers; inputs and
+    outputs stay f32), "int8" / "int4" (llm.onnx's linear weights quantized, export/quantize.py). ``verify``: run every graph in ONNX Runtime (CPU) on seeded inputs and judge it against
     PyTorch (see "How a graph is judged" in export/verify.py; ``tolerance_scale`` multiplies every limit); raises
     ExportError when a graph fails. ``memory_limit``: bytes the export may use (None: what the machine has
     available); an export estimated to need more is refused before any weight is read. An existing ``out`` is
@@ -95,9 +95,7 @@ def export_artifacts(
         )
     # Refuse early, with a message, rather than be killed by the kernel after minutes of loading.
     check_checkpoint_head_dim(checkpoint)
-    if (
-        precision in QUANTIZED_PRECISIONS
-    ):  # this ONNX Runtime quantizes and runs MatMulNBits (export/quantize.py)
+    if precision in QUANTIZED_PRECISIONS:  # this ONNX Runtime quantizes and runs MatMulNBits
         check_matmul_nbits(precision)
     check_export_memory(checkpoint, clip, detector, precision=precision, verify=verify, limit=memory_limit)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,11 +316,10 @@ def _quantize_llm_step(out_dir, llm, info, precision, verify, seed, scale, bar, 
         bar.log("  " + check.line())
         if not check.ok:
             what = (
-                check.argmax if not check.argmax_ok else f"rel rms err {check.max_abs:.3g} on {check.output}"
+                check.argmax if not check.argmax_ok else f"max abs err {check.max_abs:.3g} on {check.output}"
             )
             raise ExportError(
-                f"llm.onnx ({precision}) differs from its fp32 source beyond the quantization tolerance "
-                f"({what}; limit {check.limit:.3g}, rule {check.rule}); export aborted"
+                f"llm.onnx ({precision}) fails rule {check.rule} ({what}; limit {check.limit:.3g}); export aborted"
             )
     return new
 
