@@ -20,7 +20,7 @@ and free; decode speed on the ``medium`` size; numbers in benchmarks/README.md):
 * accuracy_level 4 (int8 activations per block, MLAS's fast path) on the CPU: with 0 (fp32 compute) int8
   decodes 8.5x SLOWER than fp32 (1093 vs 128 ms/token, medium) and int4 reaches 2.06x; with 4, int8 2.16x and
   int4 3.13x faster than fp32. The cost is accuracy: the centered logits move a further 1-6 % (COMPUTE_REL_RMS).
-  ONNX Runtime's CUDA kernel ignores it (fp16/fp32 compute).
+  (An option of the CPU kernel; not measured on a GPU.)
 
 Verification (rule ``quant_dequant``; state and limits below), on the CPU provider, a prefill of random embedding
 rows then 16 steps of the fp32 source's greedy tokens fed to every graph (teacher forcing):
