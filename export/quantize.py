@@ -11,8 +11,9 @@ Runtime has CPU kernels for 4 and 8 bits and a CUDA kernel.
 Defaults (``QUANT_DEFAULTS``), chosen by measurement (2026-11-29, make_tiny tiny and small, seeds 0-1, loop
 and free; decode speed on the ``medium`` size; numbers in benchmarks/README.md):
 
-* block_size 32 (the smallest ONNX Runtime's CPU kernels take): int4 weight error rms 0.087 of the weights' rms,
-  fewer greedy flips than block 128 (13 vs 15 over 4 x 33 teacher-forced steps, small) for +2 % llm.onnx bytes.
+* block_size 32 (MatMulNBits takes powers of 2 from 16): int4 weight error rms 0.087 of the weights' rms, fewer
+  greedy flips than block 128 (13 vs 15 over 4 x 33 teacher-forced steps, small) for +15 % llm.onnx bytes (the
+  fp32 scales: 5 instead of 4.25 bits per weight; still 0.16x fp32 on the medium size).
 * symmetric (no zero points): asymmetric measured no better on these weights (flips 15-19 vs 13 at block 32,
   int4 small) and costs the zero-point bytes.
 * lm_head quantized to 8 bits, whatever ``bits``: int4 on lm_head doubled the greedy flips (30 vs 13, small; 43 vs
