@@ -152,32 +152,6 @@ class Engine:
             req.close()
         raise RequestError("the request was cancelled before it finished")  # only via Request.cancel()
 
-    def stream(
-        self,
-        image: Any,
-        *,
-        max_new_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        skip_if_real: float | None = None,
-        ignore_eos: bool = False,
-        timeout_s: float | None = None,
-    ) -> Request:
-        """Yield ``TokenEvent`` per generated token, ``MaskEvent`` per [SEG] as soon as its mask is ready (in
-        [SEG] order), then ``DoneEvent(result)``. Same arguments as ``request``; closing the returned iterator
-        early (``close()``, or dropping it) cancels the request and frees its memory."""
-        return self.request(
-            image,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            skip_if_real=skip_if_real,
-            ignore_eos=ignore_eos,
-            timeout_s=timeout_s,
-        )
-
     def request(
         self,
         image: Any,
@@ -190,7 +164,10 @@ class Engine:
         ignore_eos: bool = False,
         timeout_s: float | None = None,
     ) -> Request:
-        """Make one ``Request`` (an iterator of events, with ``cancel()`` / ``close()``).
+        """Make one ``Request``: an iterator of events, ``TokenEvent`` per generated token, ``MaskEvent`` per [SEG]
+        as soon as its mask is ready (in [SEG] order), then ``DoneEvent(result)``. ``stream`` is this same call.
+        Closing it early (``close()``, or dropping it) cancels the request and frees its memory; ``cancel()``
+        stops it from another thread.
 
         ``image``: path, bytes, PIL.Image or RGB uint8 [H, W, 3]. ``max_new_tokens`` >= 1 (prompt + new tokens
         must fit the model's positions). ``temperature`` 0 = greedy (the reference's rule); > 0 samples with
@@ -250,6 +227,10 @@ class Engine:
             release=self._admission.release,
             image_name=name if isinstance(name, str) else None,
         )
+
+    # ``stream`` is the same call: "yield TokenEvent per generated token, MaskEvent per [SEG] as soon as its mask is
+    # ready (in [SEG] order), then DoneEvent(result)"; closing the iterator early cancels the request.
+    stream = request
 
     def close(self) -> None:
         """Stop the worker pools (pending jobs finish first)."""
