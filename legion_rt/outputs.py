@@ -108,7 +108,10 @@ class JsonlWriter:
         self._own = True
 
     def write(self, doc: dict[str, Any]) -> None:
-        line = json.dumps(doc, ensure_ascii=False, allow_nan=False, default=_json_default)
+        try:
+            line = json.dumps(doc, ensure_ascii=False, allow_nan=False, default=_json_default)
+        except ValueError:  # a NaN or infinity somewhere: null, so that every line stays valid JSON
+            line = json.dumps(_finite(doc), ensure_ascii=False, allow_nan=False, default=_json_default)
         try:
             self._f.write(line + "\n")
             self._f.flush()
@@ -124,6 +127,16 @@ class JsonlWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float) and (o != o or o in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
 
 
 def _json_default(o: Any) -> Any:

@@ -86,9 +86,10 @@ def test_jsonl_appends_flushes_and_repairs_a_cut_line(tmp_path):
         h.write('{"image": "b.png", "verd')  # a run killed mid-line
     with JsonlWriter(f) as w:
         w.write({"image": "c.png", "error": "bad"})
-        w.write({"image": "d.png", "verdict": "real", "x": np.float32(0.5)})
+        w.write({"image": "d.png", "verdict": "real", "x": np.float32(0.5), "t": {"a": float("nan")}})
     lines = f.read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[2]) == {"image": "c.png", "error": "bad"}
+    assert json.loads(lines[3])["t"] == {"a": None} and json.loads(lines[3])["x"] == 0.5
     assert read_done(f) == {"a.png", "d.png"}  # error lines and the cut line do not count
     assert read_done(tmp_path / "missing.jsonl") == set()
 
