@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--pictures", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--batches", default="1,8", help="batch sizes to measure, comma-separated (1 first)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -66,7 +67,8 @@ def main() -> None:
         rows = {}
         results = {}
         pixels = [clip_pixels(eng, p) for p in paths]
-        for bs in (1, 8):
+        sizes = [int(b) for b in args.batches.split(",")]
+        for bs in sizes:
             eng.classify(paths[:bs], batch_size=bs)  # warm-up
             times, vtimes = [], []
             for _ in range(args.repeat):
@@ -88,11 +90,11 @@ def main() -> None:
         same_b = all(a.verdict == b.verdict for a, b in zip(results[1], results[8], strict=True))
         sub = paths[:16]
         d_an, same_an = 0.0, True
-        for p, c in zip(sub, results[8], strict=False):
+        for p, c in zip(sub, results[big], strict=False):
             r = eng.analyze(p, max_new_tokens=1)
             d_an = max(d_an, abs(r.fake_probability - c.fake_probability))
             same_an &= r.verdict == c.verdict
-        fake = sum(c.verdict == "fake" for c in results[8])
+        fake = sum(c.verdict == "fake" for c in results[big])
     eng.close()
     import onnxruntime
 
@@ -110,9 +112,10 @@ def main() -> None:
         for bs, (a, v) in rows.items():
             print(f"batch {bs}: {a:.1f} pictures/s end to end, {v:.1f} pictures/s vision graph only")
     print(
-        f"batch 8 vs batch 1: max |d logit| {d_logit:.3g}, max |d P(fake)| {d_prob:.3g}, verdicts identical: {same_b}"
+        f"batch {big} vs batch 1: max |d logit| {d_logit:.3g}, max |d P(fake)| {d_prob:.3g}, "
+        f"verdicts identical: {same_b}"
     )
-    print(f"batch 8 vs analyze (first 16): max |d P(fake)| {d_an:.3g}, verdicts identical: {same_an}")
+    print(f"batch {big} vs analyze (first 16): max |d P(fake)| {d_an:.3g}, verdicts identical: {same_an}")
 
 
 if __name__ == "__main__":

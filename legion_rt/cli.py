@@ -420,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--limit-frames", type=_positive_int, default=None, metavar="K", help="stop after K frames"
     )
+    w.add_argument(
+        "--video-out",
+        default=None,
+        metavar="FILE",
+        help="annotated video of the considered frames (.avi or .mp4)",
+    )
     w.add_argument("--max-new-tokens", type=_positive_int, default=512)
     w.add_argument("--skip-if-real", type=_probability, default=None, metavar="P")
     w.add_argument("--quiet", action="store_true")

@@ -24,10 +24,11 @@ benchmarks/watch.py and benchmarks/README.md.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,6 +58,9 @@ class FrameResult:
     result: Result | None = None
     same_as: int | None = None
     change: float | None = None
+    # The decoded frame (RGB uint8 [H, W, 3]) with ``with_frames=True``, for drawing; None otherwise and for
+    # dropped frames.
+    frame: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """``{"frame", "time_s", "status", "same_as", "change"}``, plus the Result JSON when analyzed."""
@@ -225,11 +229,13 @@ def watch(
     live: bool | None = None,
     limit_frames: int | None = None,
     decoder: str = "auto",
+    with_frames: bool = False,
     **options: Any,
 ) -> Iterator[FrameResult]:
     """Yield one ``FrameResult`` per considered frame of ``source`` (see the module docstring). ``color_order``:
     of array frames from an iterable; ``live``: None = cameras and URLs are live; ``limit_frames``: read at most
-    the first K frames of the source; ``decoder``: "auto" | "opencv" | "pyav"; ``options``: those of
+    the first K frames of the source; ``decoder``: "auto" | "opencv" | "pyav"; ``with_frames``: attach each
+    considered frame's pixels to its FrameResult (``frame``; holding on to them holds the memory); ``options``: those of
     ``Engine.analyze`` (max_new_tokens, skip_if_real, ...). Bad arguments raise here, at the call; closing the
     iterator closes the source."""
     _check(every, fps, min_change, limit_frames)
@@ -239,10 +245,12 @@ def watch(
     src = open_source(
         source, color_order=color_order, live=live, decoder=decoder, max_pixels=engine.max_pixels
     )
-    return _watch(engine, src, _Sampler(every, fps), min_change, limit_frames, options)
+    return _watch(engine, src, _Sampler(every, fps), min_change, limit_frames, options, with_frames)
 
 
-def _watch(engine, src: FrameSource, sampler, min_change, limit, options) -> Iterator[FrameResult]:
+def _watch(
+    engine, src: FrameSource, sampler, min_change, limit, options, with_frames
+) -> Iterator[FrameResult]:
     last: tuple[int, np.ndarray, Result] | None = (
         None  # (index, thumbnail, result) of the last analyzed frame
     )
@@ -251,14 +259,15 @@ def _watch(engine, src: FrameSource, sampler, min_change, limit, options) -> Ite
         nonlocal last
         change = None
         thumb = thumbnail(frame.rgb) if min_change is not None else None
+        pixels = frame.rgb if with_frames else None
         if last is not None and thumb is not None:
             change = thumb_change(last[1], thumb)
             if change < float(min_change):
-                return FrameResult(frame.index, frame.time_s, "unchanged", last[2], last[0], change)
+                return FrameResult(frame.index, frame.time_s, "unchanged", last[2], last[0], change, pixels)
         result = engine.analyze(frame.rgb, **options)
         if thumb is not None:
             last = (frame.index, thumb, result)
-        return FrameResult(frame.index, frame.time_s, "analyzed", result, None, change)
+        return FrameResult(frame.index, frame.time_s, "analyzed", result, None, change, pixels)
 
     reader = None
     try:
@@ -292,6 +301,14 @@ def main(args, engine_from_args) -> int:
     from .outputs import JsonlWriter, check_jsonl_path, info
 
     check_jsonl_path("--jsonl", args.jsonl)
+    video_out = getattr(args, "video_out", None)
+    if video_out:
+        from .errors import UsageError
+
+        if os.path.splitext(video_out)[1].lower() not in _FOURCC:
+            raise UsageError(f"--video-out {video_out}: give an .avi (MJPEG) or .mp4 (MPEG-4) file name")
+        if os.path.isdir(video_out):
+            raise UsageError(f"--video-out {video_out}: is a directory; give a file name")
     opts = {"max_new_tokens": args.max_new_tokens, "skip_if_real": args.skip_if_real}
     source: Any = args.source
     engine = engine_from_args(args)
@@ -302,15 +319,22 @@ def main(args, engine_from_args) -> int:
         fps=args.fps,
         min_change=args.min_change,
         limit_frames=args.limit_frames,
+        with_frames=bool(video_out),
         **opts,
     )
     counts = dict.fromkeys(STATUSES, 0)
     jsonl = JsonlWriter(args.jsonl) if args.jsonl else None
+    video = None
     try:
         for fr in frames:
             counts[fr.status] += 1
             if jsonl is not None:
                 jsonl.write(fr.to_dict())
+            if video_out and fr.frame is not None:
+                if video is None:
+                    rate = args.fps or ((frames_fps(source) or 10.0) / (args.every or 1))
+                    video = AnnotatedVideo(video_out, fr.frame.shape[1], fr.frame.shape[0], rate)
+                video.write(fr)
             if not args.quiet:
                 t = "" if fr.time_s is None else f" t={fr.time_s:.3f}s"
                 if fr.status == "analyzed":
@@ -331,6 +355,74 @@ def main(args, engine_from_args) -> int:
         frames.close()
         if jsonl is not None:
             jsonl.close()
+        if video is not None:
+            video.close()
+            if not args.quiet:
+                info(f"annotated video: {video_out} ({video.frames} frames)")
         if not args.quiet:
             info("frames: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return 0
+
+
+# ------------------------------------------------------------------------------------- annotated video
+_FOURCC = {".avi": "MJPG", ".mp4": "mp4v"}
+
+
+def frames_fps(source: Any) -> float | None:
+    """The nominal frame rate of a video file (OpenCV), or None."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    if not isinstance(source, str) or not os.path.isfile(source):
+        return None
+    cap = cv2.VideoCapture(source)
+    try:
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+    finally:
+        cap.release()
+    return fps if fps > 0 else None
+
+
+class AnnotatedVideo:
+    """``legion-rt watch --video-out``: every considered frame with its standing result drawn on it (masks tinted,
+    boxes, verdict; legion_rt/overlay.py) and its status; OpenCV's VideoWriter (MJPEG .avi or MPEG-4 .mp4) at the
+    sampled frame rate. Frames of another size than the first are scaled to it."""
+
+    def __init__(self, path: str, width: int, height: int, fps: float):
+        from .errors import LegionError
+
+        try:
+            import cv2
+        except ImportError:
+            raise LegionError(
+                "--video-out needs OpenCV: pip install 'legion_rt[video]' (PyAV and OpenCV)"
+            ) from None
+        self.cv2 = cv2
+        self.size = (int(width), int(height))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        ext = os.path.splitext(path)[1].lower()
+        self.writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*_FOURCC[ext]), float(fps), self.size)
+        if not self.writer.isOpened():
+            raise LegionError(f"{path}: cannot write this video (OpenCV)")
+        self.frames = 0
+
+    def write(self, fr: FrameResult) -> None:
+        from .overlay import render_overlay
+
+        rgb = fr.frame
+        r = fr.result
+        if r is not None and r.mask.shape == rgb.shape[:2]:
+            rgb = render_overlay(rgb, r)
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        if (bgr.shape[1], bgr.shape[0]) != self.size:
+            bgr = self.cv2.resize(bgr, self.size, interpolation=self.cv2.INTER_AREA)
+        tag = f"frame {fr.index}: {fr.status}" + (f" (as {fr.same_as})" if fr.same_as is not None else "")
+        self.cv2.putText(
+            bgr, tag, (4, self.size[1] - 6), self.cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1
+        )
+        self.writer.write(bgr)
+        self.frames += 1
+
+    def close(self) -> None:
+        self.writer.release()

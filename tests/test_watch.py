@@ -205,6 +205,7 @@ def test_cli_watch_jsonl(tiny_artifacts, clip, tmp_path):
     p = subprocess.run(
         _cli(clip, "--artifacts", tiny_artifacts, "--every", "2", "--min-change", "0.05")
         + ["--jsonl", str(out), "--limit-frames", "13", "--max-new-tokens", "2", "--threads", "1"]
+        + ["--video-out", str(tmp_path / "ann.avi")]
         + ["--verify", "size"],
         capture_output=True,
         text=True,
@@ -223,6 +224,8 @@ def test_cli_watch_jsonl(tiny_artifacts, clip, tmp_path):
             assert d["same_as"] in (0, 6) and "token_ids" not in d
     assert docs[1]["time_s"] == pytest.approx(0.2)
     assert "3 analyzed, 4 unchanged, 0 dropped" in p.stderr
+    annotated = _decode_cv2(tmp_path / "ann.avi")  # every considered frame, drawn
+    assert len(annotated) == 7 and annotated[0].shape == (H, W, 3)
     # to stdout
     p = subprocess.run(
         _cli(
