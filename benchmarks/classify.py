@@ -80,14 +80,16 @@ def main() -> None:
                     vision_batch(eng, pixels[i : i + bs])
                 vtimes.append(time.perf_counter() - t)
             rows[bs] = (len(paths) / statistics.median(times), len(paths) / statistics.median(vtimes))
+        big = sizes[-1]
         d_logit = max(
             float(np.max(np.abs(np.subtract(a.cls_logits, b.cls_logits))))
-            for a, b in zip(results[1], results[8], strict=True)
+            for a, b in zip(results[1], results[big], strict=True)
         )
         d_prob = max(
-            abs(a.fake_probability - b.fake_probability) for a, b in zip(results[1], results[8], strict=True)
+            abs(a.fake_probability - b.fake_probability)
+            for a, b in zip(results[1], results[big], strict=True)
         )
-        same_b = all(a.verdict == b.verdict for a, b in zip(results[1], results[8], strict=True))
+        same_b = all(a.verdict == b.verdict for a, b in zip(results[1], results[big], strict=True))
         sub = paths[:16]
         d_an, same_an = 0.0, True
         for p, c in zip(sub, results[big], strict=False):
