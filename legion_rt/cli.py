@@ -22,7 +22,7 @@ from typing import Any
 
 from .analyze import decode_all, run_analyze
 from .demo import cache_dir, demo_picture, ensure_tiny_artifacts, export_module
-from .errors import LegionError, RequestError, UsageError
+from .errors import ImageError, LegionError, RequestError, UsageError
 from .outputs import check_output_paths, info
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -163,8 +163,19 @@ def cmd_analyze(args) -> int:
         if not args.quiet:
             info("nothing to do: every picture is already in " + str(args.jsonl))
         return EXIT_OK
-    engine = engine_from_args(args)
-    if not args.quiet:
+    rgbs = None
+    if len(pictures) == 1:
+        # One picture: decoded before the model loads, so a picture that fails to decode fails the command
+        # before anything is printed or written (several pictures are decoded one at a time instead).
+        try:
+            rgbs = decode_all(pictures)
+        except ImageError as e:
+            if not args.keep_going:
+                raise
+            bad[pictures[0]] = str(e)
+            pictures = []
+    engine = engine_from_args(args) if pictures else None
+    if engine is not None and not args.quiet:
         info(f"backend: {engine.backend_name} ({', '.join(engine.providers)})")
     jsonl = JsonlWriter(args.jsonl) if args.jsonl else None
     errors = dict(bad)
@@ -179,7 +190,7 @@ def cmd_analyze(args) -> int:
             run_analyze(
                 engine,
                 pictures,
-                None,
+                rgbs,
                 json_path=args.json,
                 overlay_path=args.overlay,
                 masks_dir=args.masks_dir,

@@ -311,10 +311,15 @@ def main(args, engine_from_args) -> int:
             raise UsageError(f"--video-out {video_out}: is a directory; give a file name")
     opts = {"max_new_tokens": args.max_new_tokens, "skip_if_real": args.skip_if_real}
     source: Any = args.source
-    engine = engine_from_args(args)
+    src = open_source(source)  # a missing file or extra fails before the model loads
+    try:
+        engine = engine_from_args(args)
+    except BaseException:
+        src.close()
+        raise
     frames = watch(
         engine,
-        source,
+        src,
         every=args.every,
         fps=args.fps,
         min_change=args.min_change,

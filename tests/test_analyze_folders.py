@@ -150,6 +150,10 @@ def test_jsonl_lines_are_written_as_each_picture_finishes(tiny_artifacts, tmp_pa
     )
     assert p.returncode == 1 and "c.png" in p.stderr and len(p.stderr.strip().splitlines()) >= 1
     assert [d["image"] for d in _lines(out)] == ["d/a.png", "d/b.png"]
+    # one picture that fails only when decoded: exit 1 with exactly one stderr line, as before (decoded before
+    # the model loads)
+    p = _run("d/c.png", "--artifacts", tiny_artifacts, "--max-new-tokens", TOKENS, cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()] and "c.png" in p.stderr
     # --json of a single picture stays one object
     js = tmp_path / "one.json"
     p = _run("d/a.png", "--artifacts", tiny_artifacts, "--max-new-tokens", TOKENS, "--json", js, cwd=tmp_path)
