@@ -272,3 +272,28 @@ def test_cli_watch_ctrl_c_keeps_the_lines(tiny_artifacts, tmp_path):
     frames = [json.loads(line)["frame"] for line in text.splitlines()]
     assert frames == list(range(len(frames))) and 3 <= len(frames) < 240
     assert os.path.getsize(out) == len(text.encode())
+
+
+def test_url_source_is_live(engine, clip):
+    """An http:// URL (the clip served from this process) is read as a live source: OpenCV pulls frames as fast
+    as they come, so while a frame is analyzed the next ones are dropped; every frame is still reported once."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(clip.parent))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{clip.name}"
+        try:
+            frames = engine.watch(url, max_new_tokens=4)
+        except Exception as e:  # an OpenCV build without network support
+            pytest.skip(f"OpenCV cannot open an http URL here: {e}")
+        got = list(frames)
+    finally:
+        server.shutdown()
+    assert [f.index for f in got] == list(range(3 * RUN))
+    assert got[-1].status == "analyzed"  # the newest frame is never left behind
+    assert "dropped" in {f.status for f in got}
