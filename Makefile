@@ -44,6 +44,8 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/*) $(FILES)
 bench: $(STAMP)
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/e2e.py
+	$(PY) benchmarks/classify.py
+	$(PY) benchmarks/watch.py
 
 # build/ holds every build output (CMake's files, the compiled _C); the rest are leftovers of the former
 # in-place editable builds, which ran CMake in the repository root.

@@ -163,6 +163,7 @@ class Engine:
         skip_if_real: float | None = None,
         ignore_eos: bool = False,
         timeout_s: float | None = None,
+        color_order: str = "rgb",
     ) -> Request:
         """Make one ``Request``: an iterator of events, ``TokenEvent`` per generated token, ``MaskEvent`` per [SEG]
         as soon as its mask is ready (in [SEG] order), then ``DoneEvent(result)``. ``stream`` is this same call.
@@ -174,7 +175,8 @@ class Engine:
         ``top_p`` and ``seed``. ``skip_if_real`` in [0, 1] (detect-first gating, off by default): when the
         detector's P(real) >= skip_if_real the LLM is not run; the result has the verdict only. ``ignore_eos``:
         keep generating after EOS (benchmarks). ``timeout_s`` > 0: past that many seconds from this call (the
-        wait for an admission slot included) the request stops and raises ``DeadlineError``.
+        wait for an admission slot included) the request stops and raises ``DeadlineError``. ``color_order``:
+        "rgb" (default) or "bgr" for an ndarray ``image`` (e.g. a frame from OpenCV); other inputs ignore it.
         Raises ImageError (bad picture), RequestError (bad option), BusyError (queue full) or DeadlineError
         (no slot in time) here, before any model work is done.
         """
@@ -206,7 +208,7 @@ class Engine:
         if self._closed:
             raise RequestError("this Engine is closed")
         # Decode the picture eagerly so a bad image raises here, at the call, not at the first next().
-        rgb = load_image(image, max_pixels=self.max_pixels)
+        rgb = load_image(image, max_pixels=self.max_pixels, color_order=color_order)
         # SAM's ResizeLongestSide rounds the short side to 0 pixels past ~2048:1; the reference fails there too.
         h, w, sam = int(rgb.shape[0]), int(rgb.shape[1]), int(self._pre_kwargs["sam_size"])
         scale = sam * 1.0 / max(h, w)  # segment-anything's get_preprocess_shape, float64 as in the reference
@@ -231,6 +233,19 @@ class Engine:
     # ``stream`` is the same call: "yield TokenEvent per generated token, MaskEvent per [SEG] as soon as its mask is
     # ready (in [SEG] order), then DoneEvent(result)"; closing the iterator early cancels the request.
     stream = request
+    def classify(self, images: Any, *, batch_size: int = 8, color_order: str = "rgb") -> list:
+        """Verdicts only, batched (vision graph + detector head; no LLM, no SAM): one ``Classification`` per
+        picture, equal to ``analyze``'s verdict and probability. See legion_rt/classify.py."""
+        from .classify import classify
+
+        return classify(self, images, batch_size=batch_size, color_order=color_order)
+
+    def watch(self, source: Any, **options: Any):
+        """Analyze a video, camera, URL, frame directory or iterable of frames: yields one ``FrameResult`` per
+        frame considered. See legion_rt/watch.py for the options."""
+        from .watch import watch
+
+        return watch(self, source, **options)
 
     def close(self) -> None:
         """Stop the worker pools (pending jobs finish first)."""
