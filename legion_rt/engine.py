@@ -233,6 +233,7 @@ class Engine:
     # ``stream`` is the same call: "yield TokenEvent per generated token, MaskEvent per [SEG] as soon as its mask is
     # ready (in [SEG] order), then DoneEvent(result)"; closing the iterator early cancels the request.
     stream = request
+
     def classify(self, images: Any, *, batch_size: int = 8, color_order: str = "rgb") -> list:
         """Verdicts only, batched (vision graph + detector head; no LLM, no SAM): one ``Classification`` per
         picture, equal to ``analyze``'s verdict and probability. See legion_rt/classify.py."""
