@@ -76,6 +76,7 @@ def cmd_export(args) -> int:
         out=args.out,
         precision=args.precision,
         progress=not args.quiet,
+        llm_graph=args.llm_graph,
     )
     print(f"artifacts: {args.out}")
     return EXIT_OK
@@ -225,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--detector", default=None)
     e.add_argument("--out", required=True)
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    e.add_argument(
+        "--llm-graph",
+        default="gqa",
+        choices=["gqa", "standard", "both"],
+        help="LLM graph: gqa (ONNX Runtime's GroupQueryAttention, default), standard (standard ONNX operators, "
+        "TensorRT can build it) or both (llm.onnx + llm_standard.onnx)",
+    )
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_export)
 
