@@ -15,11 +15,9 @@ from pathlib import Path
 from legion_rt.artifacts import read_json_object
 from legion_rt.errors import CheckpointError
 
-# Reference constants (docs/REFERENCE.md "Preprocessing"). CLIP's come from preprocessor_config.json when it is present.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SAM_MEAN = (123.675, 116.28, 103.53)
-SAM_STD = (58.395, 57.12, 57.375)
+# Reference constants (docs/REFERENCE.md "Preprocessing"), defined once in legion_rt/manifest.py. CLIP's come from
+# preprocessor_config.json when it is present.
+from legion_rt.manifest import CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD  # noqa: E402
 
 # The 7 tokens added after the sentencepiece vocabulary, in id order.
 ADDED_TOKENS = ("<im_start>", "<im_end>", "<bbox>", "<point>", "[SEG]", "<p>", "</p>")

@@ -301,6 +301,15 @@ int cuda_device_count() {
 #endif
 }
 
+bool cuda_memory_pools_supported(int device) {
+#ifdef LEGION_RT_WITH_CUDA
+  return lrt::cuda_memory_pools_supported(device);
+#else
+  (void)device;
+  return false;
+#endif
+}
+
 uintptr_t check_ptr(uintptr_t p, const char* name) {
   if (p == 0) value_error(std::string(name) + " must be a non-null device pointer");
   return p;
@@ -416,6 +425,8 @@ PYBIND11_MODULE(_C, m) {
         "f32 [N,h,w] -> bool [N,H,W] (or (masks, union, bboxes, areas) with with_stats)");
   m.def("cuda_compiled", &cuda_compiled, "True when the extension contains the CUDA kernels");
   m.def("cuda_device_count", &cuda_device_count, "Number of CUDA devices (0 on any error); never raises");
+  m.def("cuda_memory_pools_supported", &cuda_memory_pools_supported, py::arg("device") = 0,
+        "Whether the device supports stream-ordered allocation (else the kernels' scratch uses cudaMalloc)");
   m.def("preprocess_cuda", &preprocess_cuda, py::arg("rgb"), py::arg("size"), py::arg("clip_out"), py::arg("sam_out"),
         py::arg("stream") = 0, py::arg("clip_size") = 336, py::arg("clip_crop") = default_crop,
         py::arg("clip_mean") = clip_mean, py::arg("clip_std") = clip_std, py::arg("sam_size") = 1024,

@@ -26,6 +26,8 @@ int pack_masks_cuda(const uint8_t* masks, int n, int64_t per_mask, uint8_t* pack
 
 // Number of usable CUDA devices; 0 on any error (no driver, no device). Never throws.
 int cuda_device_count();
+// Whether `device` supports stream-ordered allocation (memory pools); asked once per device. False on any error.
+bool cuda_memory_pools_supported(int device);
 const char* cuda_error_string(int code);
 
 }  // namespace lrt

@@ -132,7 +132,7 @@ int postprocess_masks_cuda(const float* low_res, int n, int in_h, int in_w, int 
   const bool with_stats = union_out != nullptr;
   MaskStat* stats = nullptr;
   if (with_stats && n > 0) {
-    LRT_CUDA_TRY(cudaMallocAsync(reinterpret_cast<void**>(&stats), sizeof(MaskStat) * n, stream));
+    LRT_CUDA_TRY(scratch_alloc(reinterpret_cast<void**>(&stats), sizeof(MaskStat) * n, stream));
     init_stats_kernel<<<blocks_for(n, 128), 128, 0, stream>>>(stats, n);
   }
   // Block width 128 (whole warps: the warp reductions need every lane to take part).
@@ -144,7 +144,7 @@ int postprocess_masks_cuda(const float* low_res, int n, int in_h, int in_w, int 
       finalize_stats_kernel<<<blocks_for(n, 128), 128, 0, stream>>>(stats, n, bboxes, areas);
       err = cudaGetLastError();
     }
-    cudaFreeAsync(stats, stream);
+    scratch_free(stats, stream);
   }
   return static_cast<int>(err);
 }

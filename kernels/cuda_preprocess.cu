@@ -102,7 +102,7 @@ cudaError_t upload_plan(const AxisPlan& p, cudaStream_t stream, int32_t** block,
   host.insert(host.end(), p.start.begin(), p.start.end());
   host.insert(host.end(), p.count.begin(), p.count.end());
   host.insert(host.end(), p.coeffs.begin(), p.coeffs.end());
-  LRT_CUDA_TRY(cudaMallocAsync(reinterpret_cast<void**>(block), host.size() * sizeof(int32_t), stream));
+  LRT_CUDA_TRY(scratch_alloc(reinterpret_cast<void**>(block), host.size() * sizeof(int32_t), stream));
   // Pageable source: the call returns once the data is staged, so `host` may be freed afterwards.
   LRT_CUDA_TRY(cudaMemcpyAsync(*block, host.data(), host.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
   dev->start = *block;
@@ -149,7 +149,7 @@ cudaError_t resize_window_cuda(const uint8_t* rgb, int h, int w, int out_h, int 
       c0 = std::min(c0, ph.start[o]);
       c1 = std::max(c1, ph.start[o] + ph.count[o]);
     }
-    err = cudaMallocAsync(reinterpret_cast<void**>(&tmp), static_cast<size_t>(win_h) * (c1 - c0) * 3, stream);
+    err = scratch_alloc(reinterpret_cast<void**>(&tmp), static_cast<size_t>(win_h) * (c1 - c0) * 3, stream);
     if (err == cudaSuccess) {
       vertical_kernel<<<dim3(blocks_for(c1 - c0, kThreads), grid_y(win_h)), kThreads, 0, stream>>>(
           rgb + c0 * 3, stride, 0, c1 - c0, dv, oy0, win_h, tmp);
@@ -164,7 +164,7 @@ cudaError_t resize_window_cuda(const uint8_t* rgb, int h, int w, int out_h, int 
       r0 = std::min(r0, pv.start[o]);
       r1 = std::max(r1, pv.start[o] + pv.count[o]);
     }
-    err = cudaMallocAsync(reinterpret_cast<void**>(&tmp), static_cast<size_t>(r1 - r0) * win_w * 3, stream);
+    err = scratch_alloc(reinterpret_cast<void**>(&tmp), static_cast<size_t>(r1 - r0) * win_w * 3, stream);
     if (err == cudaSuccess) {
       horizontal_kernel<<<dim3(blocks_for(win_w, kThreads), grid_y(r1 - r0)), kThreads, 0, stream>>>(
           rgb + r0 * stride, stride, r1 - r0, dh, ox0, win_w, tmp);
@@ -173,9 +173,9 @@ cudaError_t resize_window_cuda(const uint8_t* rgb, int h, int w, int out_h, int 
     }
   }
   if (err == cudaSuccess) err = cudaGetLastError();
-  if (tmp) cudaFreeAsync(tmp, stream);
-  if (bh) cudaFreeAsync(bh, stream);
-  if (bv) cudaFreeAsync(bv, stream);
+  if (tmp) scratch_free(tmp, stream);
+  if (bh) scratch_free(bh, stream);
+  if (bv) scratch_free(bv, stream);
   return err;
 }
 
@@ -188,7 +188,7 @@ int preprocess_cuda(const uint8_t* rgb, int h, int w, const PreprocessParams& p,
   uint8_t* win = nullptr;
   const size_t clip_bytes = static_cast<size_t>(p.clip_crop_h) * p.clip_crop_w * 3;
   const size_t sam_bytes = static_cast<size_t>(g.sam_h) * g.sam_w * 3;
-  LRT_CUDA_TRY(cudaMallocAsync(reinterpret_cast<void**>(&win), std::max(clip_bytes, sam_bytes), stream));
+  LRT_CUDA_TRY(scratch_alloc(reinterpret_cast<void**>(&win), std::max(clip_bytes, sam_bytes), stream));
   cudaError_t err = resize_window_cuda(rgb, h, w, g.clip_resized_h, g.clip_resized_w, Filter::Bicubic, g.clip_top,
                                        g.clip_top + p.clip_crop_h, g.clip_left, g.clip_left + p.clip_crop_w, win,
                                        stream, p.pillow13_order);
@@ -207,7 +207,7 @@ int preprocess_cuda(const uint8_t* rgb, int h, int w, const PreprocessParams& p,
         p.sam_std[0], p.sam_std[1], p.sam_std[2]);
     err = cudaGetLastError();
   }
-  cudaFreeAsync(win, stream);
+  scratch_free(win, stream);
   return static_cast<int>(err);
 }
 
@@ -218,6 +218,10 @@ int cuda_device_count() {
     return 0;
   }
   return n;
+}
+
+bool cuda_memory_pools_supported(int device) {
+  return device >= 0 && device < cuda_device_count() && memory_pools_supported(device);
 }
 
 const char* cuda_error_string(int code) {

@@ -26,6 +26,16 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 LLM_GRAPH_KINDS = ("gqa_shared_kv", "standard_kv")
 IMAGE_TOKEN_INDEX = -200  # the placeholder id LLaVA's tokenizer_image_token puts where the image goes
 
+# Normalisation constants of the released models (docs/REFERENCE.md "Preprocessing"): the one definition in the
+# project (legion_rt.ops defaults, the export's manifest and test models read these). CLIP's are written into
+# each manifest from the CLIP directory's preprocessor_config.json, so a checkpoint with other values still works.
+CLIP_SIZE = 336
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SAM_SIZE = 1024
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+
 
 @dataclass(frozen=True)
 class ModelInfo:

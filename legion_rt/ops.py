@@ -47,10 +47,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
         f"or `pip install .` ({exc})"
     ) from exc
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SAM_MEAN = (123.675, 116.28, 103.53)
-SAM_STD = (58.395, 57.12, 57.375)
+from .manifest import CLIP_MEAN, CLIP_STD, SAM_MEAN, SAM_STD  # noqa: E402  (defaults of preprocess)
 
 _num_threads = 0
 
@@ -200,6 +197,15 @@ def cuda_available() -> bool:
     """True when the native core has CUDA kernels and a CUDA device is usable. Never raises."""
     try:
         return bool(_C.cuda_compiled()) and _C.cuda_device_count() > 0
+    except Exception:
+        return False
+
+
+def cuda_memory_pools_supported(device: int = 0) -> bool:
+    """Whether ``device`` supports stream-ordered allocation. The kernels' scratch buffers use cudaMallocAsync
+    there and cudaMalloc / cudaFree elsewhere (some virtualized GPUs have no memory pools). Never raises."""
+    try:
+        return bool(_C.cuda_memory_pools_supported(int(device)))
     except Exception:
         return False
 

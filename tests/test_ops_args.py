@@ -166,3 +166,13 @@ class _BrokenC:
 
     def __getattr__(self, name):
         return getattr(_C, name)
+
+
+def test_memory_pools_query_never_raises():
+    """Without a CUDA device (this CI) the pools query answers False; it never raises, whatever the argument."""
+    got = ops.cuda_memory_pools_supported(0)
+    assert isinstance(got, bool)
+    if not ops.cuda_available():
+        assert got is False
+    assert ops.cuda_memory_pools_supported(-1) is False
+    assert ops.cuda_memory_pools_supported("x") is False

@@ -143,3 +143,11 @@ def test_postprocess_cuda_equals_cpu(cudart, n, h, w):
         np.testing.assert_array_equal(dev.download(a_ptr, areas.shape, np.int64), areas)
     finally:
         dev.close()
+
+
+def test_memory_pools_flag_matches_the_driver(cudart):
+    """The kernels' scratch allocator asks the device once whether it has memory pools (else cudaMalloc)."""
+    attr = cudart.cudaDeviceAttr.cudaDevAttrMemoryPoolsSupported
+    want = bool(_check(cudart.cudaDeviceGetAttribute(attr, 0)))
+    assert ops.cuda_memory_pools_supported(0) is want
+    assert ops.cuda_memory_pools_supported(10_000) is False  # no such device: False, never an error
