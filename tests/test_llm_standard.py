@@ -242,3 +242,21 @@ def test_export_standard_only_runs_in_the_engine(tmp_path, tiny_paths, tiny_arti
     assert results[0].token_ids == results[1].token_ids and results[0].text
     assert len(results[0].artifacts) == len(results[1].artifacts)
     np.testing.assert_array_equal(results[0].mask, results[1].mask)
+
+
+def test_cli_llm_graph_option():
+    from legion_rt import cli
+
+    base = ["export", "--checkpoint", "c", "--clip", "v", "--out", "o"]
+    assert cli.build_parser().parse_args(base).llm_graph == "gqa"
+    assert cli.build_parser().parse_args([*base, "--llm-graph", "both"]).llm_graph == "both"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*base, "--llm-graph", "trt"])
+
+
+def test_unknown_llm_graph_choice_is_an_export_error(tmp_path):
+    from export.llm_graphs import build_llm_graphs
+    from export.onnx_llm import ExportError
+
+    with pytest.raises(ExportError, match="gqa, standard, both"):
+        build_llm_graphs(_llama(0), tmp_path, which="trt")
