@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/*)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[cpu,export,test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[cpu,export,test,serve,ray]"
 	touch $(STAMP)
 
 bench: $(STAMP)

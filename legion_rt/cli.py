@@ -9,7 +9,7 @@ see one). Every output file is written atomically (temporary file + rename).
 The export-stage commands (``export``, ``make-tiny``, and the first run of ``demo``) need the export extra
 (torch, transformers, onnx); they import the export package lazily: ``legion_rt.export`` from a wheel, else the
 top-level ``export`` of a source checkout. ``eval`` (legion_rt/evaluate.py) needs OpenCV for LEGION's polygon
-rasterization; ``serve`` (legion_rt/serve.py) uses the standard library only.
+rasterization; ``serve`` (legion_rt/serve/) needs the serve extra (FastAPI, uvicorn), imported lazily.
 """
 
 from __future__ import annotations
@@ -319,10 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=cmd_build_engines)
 
-    s = sub.add_parser("serve", help="HTTP service")
+    s = sub.add_parser("serve", help="HTTP service (the serve extra)")
     engine_opts(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=_port, default=8000)
+    from .serve import add_serve_arguments  # imports no web framework
+
+    add_serve_arguments(s)
     s.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("eval", help="SynthScars-format evaluation (mIoU, F1)")

@@ -156,11 +156,31 @@ class Engine:
             req.close()
         raise RequestError("the request was cancelled before it finished")  # only via Request.cancel()
 
-    def stream(self, image: Any, **options: Any) -> Request:
+    def stream(
+        self,
+        image: Any,
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        skip_if_real: float | None = None,
+        ignore_eos: bool = False,
+        timeout_s: float | None = None,
+    ) -> Request:
         """Yield ``TokenEvent`` per generated token, ``MaskEvent`` per [SEG] as soon as its mask is ready (in
         [SEG] order), then ``DoneEvent(result)``. Same arguments as ``request``; closing the returned iterator
         early (``close()``, or dropping it) cancels the request and frees its memory."""
-        return self.request(image, **options)
+        return self.request(
+            image,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            skip_if_real=skip_if_real,
+            ignore_eos=ignore_eos,
+            timeout_s=timeout_s,
+        )
 
     def request(
         self,

@@ -9,6 +9,18 @@ from typing import Any
 
 import numpy as np
 
+from . import rle
+
+SCHEMA_VERSION = 1  # of the Result JSON (legion_rt/schemas/result.schema.json)
+
+
+def result_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the Result JSON, shipped in the package."""
+    import json
+    from importlib import resources
+
+    return json.loads(resources.files(__package__).joinpath("schemas/result.schema.json").read_text("utf-8"))
+
 
 @dataclass
 class Artifact:
@@ -24,12 +36,14 @@ class Artifact:
     token_index: int = 0
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the mask as COCO RLE (``mask_rle``, see ``legion_rt.rle``)."""
         return {
             "index": self.index,
             "phrase": self.phrase,
-            "bbox": list(self.bbox),
-            "area": self.area,
+            "bbox": [int(v) for v in self.bbox],
+            "area": int(self.area),
             "token_index": self.token_index,
+            "mask_rle": rle.encode(self.mask),
         }
 
 
@@ -56,8 +70,20 @@ class Result:
     image: str | None = None  # the input's name (a path as given) when it had one
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (masks are not included: write them as PNGs)."""
-        return {
+        """The Result JSON (schema 1, ``legion_rt/schemas/result.schema.json``): what ``--json``, each
+        ``--jsonl`` line and the HTTP service write. Masks are COCO RLE: ``mask_rle`` (the union) and each
+        artifact's ``mask_rle``. ``image`` is present only when the input had a name. ``cls_logits`` and
+        ``mask_area`` are extra keys kept from before the schema."""
+        doc: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "model": {
+                "name": self.model.get("name"),
+                "manifest_sha256": self.model.get("manifest_sha256"),
+            },
+        }
+        if self.image is not None:
+            doc["image"] = self.image
+        return doc | {
             "verdict": self.verdict,
             "fake_probability": self.fake_probability,
             "label": self.label,
@@ -69,7 +95,8 @@ class Result:
             "token_ids": self.token_ids,
             "artifacts": [a.to_dict() for a in self.artifacts],
             "mask_area": int(self.mask.sum()),
-            "image_size": list(self.image_size),
+            "image_size": [int(v) for v in self.image_size],
+            "mask_rle": rle.encode(self.mask),
             "timings": {
                 k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.timings.items()
             },

@@ -247,56 +247,6 @@ def test_build_engines_without_tensorrt(tiny_artifacts):
     _one_error_line(p, "TensorRT is not installed")
 
 
-@pytest.mark.slow
-def test_serve(tiny_artifacts):
-    import threading
-    import urllib.error
-    import urllib.request
-
-    from legion_rt.engine import Engine
-    from legion_rt.serve import make_server
-
-    eng = Engine(tiny_artifacts, threads=1, verify="size")
-    server = make_server(eng, "127.0.0.1", 0)
-    port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=60) as r:
-            assert json.loads(r.read())["status"] == "ok"
-        body = DEMO.read_bytes()
-        req = urllib.request.Request(base + "/analyze?max_new_tokens=20&masks=png", data=body, method="POST")
-        with urllib.request.urlopen(req, timeout=300) as r:
-            doc = json.loads(r.read())
-        expected = eng.analyze(DEMO, max_new_tokens=20)
-        assert doc["token_ids"] == expected.token_ids and doc["verdict"] == expected.verdict
-        assert "mask_png" in doc and len(doc["artifacts"]) == len(expected.artifacts)
-        req = urllib.request.Request(base + "/analyze?max_new_tokens=20&stream=1", data=body, method="POST")
-        with urllib.request.urlopen(req, timeout=300) as r:
-            lines = [json.loads(ln) for ln in r.read().decode().splitlines() if ln.strip()]
-        assert [e["token_id"] for e in lines if e["event"] == "token"] == expected.token_ids
-        assert lines[-1]["event"] == "done" and sum(e["event"] == "mask" for e in lines) == len(
-            expected.artifacts
-        )
-        for path, data, code in [
-            ("/analyze", b"not a picture", 400),
-            ("/analyze?max_new_tokens=0", body, 422),
-            ("/analyze?max_new_tokens=x", body, 422),
-            ("/analyze?bogus=1", body, 422),
-            ("/nowhere", body, 404),
-        ]:
-            with pytest.raises(urllib.error.HTTPError) as info:
-                urllib.request.urlopen(
-                    urllib.request.Request(base + path, data=data, method="POST"), timeout=60
-                )
-            assert info.value.code == code, path
-            assert "error" in json.loads(info.value.read())
-    finally:
-        server.shutdown()
-        server.server_close()
-        eng.close()
-
-
 def test_make_tiny_steer_option(tmp_path):
     pytest.importorskip("torch", reason="make-tiny needs the export extra (torch)")
     p = _cli("make-tiny", "--out", tmp_path / "free", "--seed", "3", "--steer", "free")

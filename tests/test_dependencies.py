@@ -73,6 +73,13 @@ def _imports(paths) -> tuple[set[str], set[str]]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
+            elif (  # pytest.importorskip("module")
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) == "importorskip"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+            ):
+                names = [str(node.args[0].value)]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
             else:
@@ -96,10 +103,17 @@ def _py(folder: str) -> list[Path]:
     return sorted((REPO / folder).rglob("*.py"))
 
 
+# Runtime subpackages that are optional features: their imports belong to these extras (they are imported only
+# by the command that needs them, which says which extra to install when one is missing).
+FEATURES = {"legion_rt/serve": ("serve", "ray")}
+
+
 def test_runtime_imports_are_declared():
     base, extras = _pyproject()
     declared = base | set().union(*extras.values())
-    top, every = _imports(_py("legion_rt"))
+    features = {REPO / f for f in FEATURES}
+    core = [p for p in _py("legion_rt") if not any(f in p.parents for f in features)]
+    top, every = _imports(core)
     for module in sorted(top):
         assert _distributions(module) & base, (
             f"legion_rt imports {module!r} at module level: not a base dependency"
@@ -108,6 +122,11 @@ def test_runtime_imports_are_declared():
         assert _distributions(module) & declared, (
             f"legion_rt imports {module!r}: declared nowhere in pyproject"
         )
+    for folder, names in FEATURES.items():
+        _, used = _imports(sorted((REPO / folder).rglob("*.py")))
+        allowed = base | set().union(*(extras[n] for n in names))
+        for module in sorted(used):
+            assert _distributions(module) & allowed, f"{folder} imports {module!r}: not in the {names} extras"
 
 
 def test_export_imports_are_declared():
@@ -129,6 +148,8 @@ def test_declared_packages_are_imported():
     used = set().union(*(_distributions(m) for m in anywhere))
     for extra, dists in extras.items():
         for dist in sorted(dists):
-            if dist in INDIRECT:
+            if (
+                dist in INDIRECT or dist == "legion-rt"
+            ):  # an extra that includes another extra of this package
                 continue
             assert dist in used, f"extra {extra!r} declares {dist}, which nothing in the repository imports"
