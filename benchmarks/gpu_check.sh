@@ -51,7 +51,7 @@ mkdir -p build
 PYBIND11_DIR=$("$PY" -m pybind11 --cmakedir 2>/dev/null)
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
-if ! cmake -S . -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release -DLEGION_RT_CUDA=ON \
+if ! cmake -S . -B "$BUILD" ${GEN[@]+"${GEN[@]}"} -DCMAKE_BUILD_TYPE=Release -DLEGION_RT_CUDA=ON \
   -DPython_EXECUTABLE="$(command -v "$PY")" -Dpybind11_DIR="$PYBIND11_DIR" >"$BUILD.configure.log" 2>&1; then
   tail -n 30 "$BUILD.configure.log"
   echo "RESULT build: FAILED (configure)"

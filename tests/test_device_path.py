@@ -243,3 +243,20 @@ def test_pack_masks_cuda_matches_the_host_layout(real_device):
         cuda.free(src, stream)
         cuda.free(dst, stream)
         cuda.synchronize(stream)
+
+
+def test_gpu_check_script_is_valid_and_names_existing_files():
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "gpu_check.sh"
+    text = script.read_text()
+    if shutil.which("bash"):
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    named = set(re.findall(r"(?:tests|benchmarks)/[\w/]+\.py", text))
+    assert {"tests/test_ops_cuda.py", "tests/test_device_path.py", "benchmarks/gpu_kernels.py"} <= named
+    assert all((root / p).is_file() for p in named), named
+    assert "pip install" not in text.replace("no pip", "")  # offline: CMake only, nothing downloaded
