@@ -64,7 +64,8 @@ if ! cmake --build "$BUILD" -j "$(nproc)" >"$BUILD.build.log" 2>&1; then
   exit 1
 fi
 so=$(find "$BUILD" -maxdepth 2 -name '_C*.so' | head -n 1)
-cp -f "$so" legion_rt/
+# copy then rename: a process that has the old _C loaded keeps its file (overwriting a mapped .so crashes it)
+cp -f "$so" "legion_rt/.$(basename "$so").tmp" && mv -f "legion_rt/.$(basename "$so").tmp" "legion_rt/$(basename "$so")"
 echo "built $so -> legion_rt/$(basename "$so") in $(($(date +%s) - T0)) s"
 "$PY" -c "from legion_rt import ops; print('cuda_compiled', ops.cuda_compiled(), 'cuda_available', ops.cuda_available())"
 if [ -n "${GPU_CHECK_BUILD_ONLY:-}" ]; then
