@@ -10,8 +10,10 @@ Layouts read:
   under a prefix (a full classifier checkpoint).
 
 Safety: `.bin` files are pickles and are only read with `torch.load(weights_only=True, mmap=True)`; a file
-that needs anything else is refused (CheckpointError), never loaded unsafely. Safetensors headers are
-validated against the file size before any tensor is read. Index file names must stay inside the directory.
+that needs anything else is refused (CheckpointError), never loaded unsafely. `.safetensors` files are read by
+the safetensors library, after their header length is checked against the file size (nothing is allocated for
+a header the file cannot hold); the library validates every tensor's range before any tensor is read. Index
+file names must stay inside the directory.
 
 Strictness: every model tensor must come from exactly one file with the expected shape; an unknown key fails.
 Skipped on purpose: `*.rotary_emb.inv_freq` (recomputed), `model.region_encoder.*` (unused at inference),
@@ -26,13 +28,13 @@ dropped right after conversion, so peak memory stays near the size of the loaded
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import mmap
 import os
 import re
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,47 +132,52 @@ def weight_files(directory: Path) -> tuple[list[Path], dict[str, Path] | None]:
 # Reading one file
 
 
-def read_safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
-    """key -> (dtype, shape, absolute start, absolute end) after checking every range lies in the file."""
+def _check_safetensors_size(path: Path) -> None:
+    """The header length (the file's first 8 bytes) against the file size and MAX_SAFETENSORS_HEADER, before the
+    safetensors library reads (and allocates) the header."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: safetensors header length {n} is invalid for a {size}-byte file"
-                )
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not an object")
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
+        raise CheckpointError(f"{path}: safetensors header length {n} is invalid for a {size}-byte file")
+
+
+@contextmanager
+def _safe_open(path: Path):
+    """safetensors.safe_open (PyTorch tensors) after _check_safetensors_size; the library's errors become
+    CheckpointErrors naming the file. It refuses a file whose tensors do not exactly cover the data after the
+    header (a truncated file), overlapping or inconsistent ranges, and malformed headers."""
+    from safetensors import SafetensorError, safe_open
+
+    _check_safetensors_size(path)
+    try:
+        f = safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        if "incomplete metadata" in str(e):  # the tensors' ranges and the file's size disagree
+            raise CheckpointError(f"{path}: truncated or padded safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: invalid safetensors file ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+    with f:
+        yield f
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """key -> (dtype, shape) of a .safetensors file (no tensor data read); refuses dtypes LEGION does not use."""
     out = {}
-    base = 8 + n
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: tensor {key!r} has an invalid or unsupported header entry {entry!r}"
-            ) from None
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if any(d < 0 for d in shape) or end - begin != nbytes or begin < 0:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} header is inconsistent (shape {shape}, bytes {begin}..{end})"
-            )
-        if base + end > size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {key!r} ends at byte {base + end}, file has {size}"
-            )
-        out[key] = (dtype, shape, base + begin, base + end)
+    with _safe_open(path) as f:
+        for key in f.keys():
+            piece = f.get_slice(key)
+            name = piece.get_dtype()
+            if name not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {name}")
+            out[key] = (SAFETENSORS_DTYPES[name], tuple(int(d) for d in piece.get_shape()))
     return out
 
 
@@ -199,8 +206,7 @@ def file_metadata(path: Path) -> dict[str, TensorInfo]:
     """key -> TensorInfo of one weight file, without reading tensor data."""
     if path.suffix == ".safetensors":
         return {
-            k: TensorInfo(shape, dtype, path)
-            for k, (dtype, shape, _, _) in read_safetensors_header(path).items()
+            k: TensorInfo(shape, dtype, path) for k, (dtype, shape) in read_safetensors_header(path).items()
         }
     state = _load_bin(path)
     _check_bin_storage(path, state)
@@ -246,17 +252,11 @@ def _drop_pages(t: torch.Tensor) -> None:
 def iter_file_tensors(path: Path, keys: set[str], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor converted to dtype, freshly allocated) for each key of `keys` in one weight file."""
     if path.suffix == ".safetensors":
-        header = read_safetensors_header(path)
-        with open(path, "rb") as f:
-            for key in sorted(keys, key=lambda k: header[k][2]):
-                src_dtype, shape, begin, end = header[key]
-                raw = torch.empty(end - begin, dtype=torch.uint8)
-                f.seek(begin)
-                if f.readinto(memoryview(raw.numpy())) != end - begin:
-                    raise CheckpointError(f"{path}: truncated while reading tensor {key!r}")
-                src = raw.view(src_dtype).reshape(shape)
-                yield key, src if src_dtype == dtype else src.to(dtype)
-                del raw, src
+        with _safe_open(path) as f:
+            for key in sorted(keys):
+                src = f.get_tensor(key)  # a copy out of the library's memory map
+                yield key, src if src.dtype == dtype else src.to(dtype)
+                del src
         return
     state = _load_bin(path)
     _check_bin_storage(path, state)

@@ -44,7 +44,7 @@ def verify_second_llm_graph(out_dir: Path, graphs: dict, llm, seed: int, *, scal
     info = graphs.get("llm_standard")
     if info is None:
         return []
-    from .onnx_export import llm_case, verify_cases
+    from .verify import llm_case, verify_cases
 
     try:
         case = llm_case(Path(out_dir) / info.file, info, llm, seed)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -268,7 +269,7 @@ class ReferenceOutput:
     text: str
     explanation: str
     phrases: list[str]  # infer.py's <p>...</p> phrases (stripped)
-    mask_phrases: list[str | None]  # one per [SEG]: legion_rt.text.pair_phrases
+    mask_phrases: list[str | None]  # one per [SEG]: reference_pair_phrases (the phrase before it)
     seg_positions: list[int]  # per [SEG]: position in the embedded sequence whose hidden state made the mask
     seg_hidden: torch.Tensor  # [N, H] final-norm last-layer hidden states
     low_res: torch.Tensor  # [N, 256, 256] mask logits
@@ -311,8 +312,8 @@ class ReferencePipeline:
 
     ``model`` is an ``export.model.legion.LegionModel`` (fp32, eval mode). ``prompt`` holds the 4.28-exact prompt
     ids; ``seg_id``/``eos_id`` the [SEG] and </s> ids; ``decode`` maps ids to text by the slow LlamaTokenizer's rules
-    (``skip_special_tokens=False``); ``pair_phrases(prompt_ids, generated_ids, seg_id)`` (optional) gives each [SEG]
-    its phrase. Use ``from_checkpoint`` to build all of it from the released layout.
+    (``skip_special_tokens=False``); each [SEG]'s phrase comes from ``reference_pair_phrases`` over that ``decode``.
+    Use ``from_checkpoint`` to build all of it from the released layout.
     """
 
     def __init__(
@@ -324,7 +325,6 @@ class ReferencePipeline:
         eos_id: int,
         decode: Callable[[list[int]], str],
         preprocess: PreprocessConstants = PreprocessConstants(),
-        pair_phrases: Callable[..., list[str | None]] | None = None,
     ) -> None:
         self.model = model
         self.prompt = prompt
@@ -332,7 +332,6 @@ class ReferencePipeline:
         self.eos_id = int(eos_id)
         self.decode = decode
         self.consts = preprocess
-        self.pair_phrases = pair_phrases
         llm = model.llm
         self._embed = llm.get_input_embeddings()
         self._decoder = llm.model  # LlamaModel: its last_hidden_state is after the final RMSNorm
@@ -369,7 +368,7 @@ class ReferencePipeline:
         model.eval()
         prompt = _prompt_from(tok.prompt_ids(checkpoint))
         special = _special_ids(tok, checkpoint)
-        decode, pair = _text_tools(tok, checkpoint)
+        decode = tok.SlowLlamaTokenizer.from_dir(checkpoint).decode
         return cls(
             model=model,
             prompt=prompt,
@@ -377,7 +376,6 @@ class ReferencePipeline:
             eos_id=special["eos"],
             decode=decode,
             preprocess=PreprocessConstants.from_clip_dir(clip),
-            pair_phrases=pair,
         )
 
     # ---- per-stage entry points (each one is what the benchmark times) -----------------------------------------
@@ -618,17 +616,13 @@ class ReferencePipeline:
         ids = [*self.prompt.prefix_ids, *self.prompt.suffix_ids, *token_ids]
         decoded = self.decode(ids)
         text, explanation, phrases = reference_postprocess(decoded)
-        mask_phrases: list[str | None] = []
-        if self.pair_phrases is not None:
-            prompt = [*self.prompt.prefix_ids, *self.prompt.suffix_ids]
-            mask_phrases = list(self.pair_phrases(prompt, token_ids, self.seg_id))
+        prompt = [*self.prompt.prefix_ids, *self.prompt.suffix_ids]
+        mask_phrases = reference_pair_phrases(self.decode, prompt, token_ids, self.seg_id)
         return decoded, text, explanation, phrases, mask_phrases
 
 
 def reference_postprocess(decoded: str) -> tuple[str, str, list[str]]:
     """``infer.py`` lines 82-96, transcribed: (answer text, explanation, phrases)."""
-    import re
-
     text = decoded.replace("\n", "").replace("  ", " ")
     text = text.split("ASSISTANT: ")[-1]
     cleaned = re.sub(r"<.*?>", "", text)
@@ -636,6 +630,56 @@ def reference_postprocess(decoded: str) -> tuple[str, str, list[str]]:
     cleaned = cleaned.replace("[SEG]", "")
     cleaned = " ".join(cleaned.split()).strip("'").strip()
     return text, cleaned, phrases
+
+
+def reference_pair_phrases(
+    decode: Callable[[list[int]], str], prompt_ids: list[int], generated_ids: list[int], seg_id: int
+) -> list[str | None]:
+    """The phrase of each [SEG] token of ``generated_ids`` (one entry per occurrence, in order), by the original
+    pairing rule over infer.py's post-processing. legion_rt.text.pair_phrases implements the same rule on its own
+    (over tokenizer.json, tracking offsets through the replaces); this is its oracle and shares no code with it.
+
+    ``decode(ids)`` is the reference's decode (the slow tokenizer's). The text of ``prompt_ids + generated_ids``
+    goes through infer.py's steps (newlines removed, one "  " -> " " pass, the text after the last "ASSISTANT: ") to
+    the answer text; the phrases are the matches of ``<p>(.*?)</p>`` on it. A [SEG] gets the last match that starts
+    before the [SEG]'s own text, stripped; None when no match starts before it, or when the [SEG] lies before the
+    answer.
+
+    The [SEG]'s offset comes from decoding the ids up to and including that token: 4.28's decode makes every added
+    token its own sub-text, so the decoded prefix ends with "[SEG]" and is a prefix of the whole decode (checked);
+    a "[SEG]" spelled by ordinary pieces is never taken for the token. The text before the [SEG] goes through the
+    same two replaces: no "\n" or "  " can straddle the "[" that follows it, so its length is the [SEG]'s offset in
+    the processed text.
+    """
+
+    def steps_2_3(text: str) -> str:
+        return text.replace("\n", "").replace("  ", " ")
+
+    ids = [int(i) for i in prompt_ids] + [int(i) for i in generated_ids]
+    decoded = decode(ids)
+    seg_text = decode([seg_id])
+    text = steps_2_3(decoded)
+    mark = text.rfind("ASSISTANT: ")
+    answer_start = mark + len("ASSISTANT: ") if mark >= 0 else 0
+    matches = [
+        (answer_start + m.start(), m.group(1).strip())
+        for m in re.finditer(r"<p>(.*?)<\/p>", text[answer_start:])
+    ]
+    out: list[str | None] = []
+    for i in range(len(prompt_ids), len(ids)):
+        if ids[i] != seg_id:
+            continue
+        upto = decode(ids[: i + 1])
+        if not (upto.endswith(seg_text) and decoded.startswith(upto)):
+            raise AssertionError(
+                f"decode of the ids up to [SEG] #{len(out)} is not a prefix of the whole decode"
+            )
+        pos = len(steps_2_3(upto[: len(upto) - len(seg_text)]))
+        if text[pos : pos + len(seg_text)] != seg_text:
+            raise AssertionError(f"[SEG] #{len(out)} is not at offset {pos} of the post-processed text")
+        before = [phrase for start, phrase in matches if start < pos]
+        out.append(before[-1] if pos >= answer_start and before else None)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -664,28 +708,3 @@ def _special_ids(tok: Any, checkpoint: str | Path) -> dict[str, int]:
     """[SEG] and </s> ids as infer.py reads them (export.tokenizer.special_token_ids)."""
     ids = tok.special_token_ids(checkpoint)
     return {"seg": int(ids["seg"]), "eos": int(ids["eos"])}
-
-
-def _text_tools(tok: Any, checkpoint: str | Path) -> tuple[Callable[[list[int]], str], Any]:
-    """(decode, pair).
-
-    decode: export.tokenizer.SlowLlamaTokenizer's ``decode`` (transformers 4.28's LlamaTokenizer rules on
-    sentencepiece), independent of the runtime's tokenizer.json Detokenizer, so it can serve as its oracle.
-    pair(prompt_ids, generated_ids, seg_id) -> one phrase (or None) per [SEG]: legion_rt.text.pair_phrases, which is
-    legion_rt's own addition (the reference keeps no pairing); it needs the runtime's Detokenizer, built here from a
-    temporary tokenizer.json converted from the checkpoint's tokenizer.
-    """
-    import tempfile
-
-    from legion_rt.text import Detokenizer, pair_phrases
-
-    slow = tok.SlowLlamaTokenizer.from_dir(checkpoint)
-    config = Path(checkpoint) / "tokenizer_config.json"
-    with tempfile.TemporaryDirectory() as tmp:
-        tj = tok.write_tokenizer_json(checkpoint, Path(tmp) / "tokenizer.json")
-        det = Detokenizer.from_files(tj, config if config.is_file() else None)
-
-    def pair(prompt_ids: list[int], generated_ids: list[int], seg_id: int) -> list[str | None]:
-        return pair_phrases(det, prompt_ids, generated_ids, seg_id)
-
-    return slow.decode, pair

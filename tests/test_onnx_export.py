@@ -13,7 +13,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip install .[export])")
 ort = pytest.importorskip("onnxruntime", reason="the runtime needs onnxruntime")
 
-from export.onnx_export import TOLERANCES, ExportError, export_artifacts  # noqa: E402
+from export.onnx_export import ExportError, export_artifacts  # noqa: E402
+from export.verify import TOLERANCES  # noqa: E402
 from legion_rt.backends.ort_llm import OrtLLM  # noqa: E402
 from legion_rt.manifest import LlmGraph, Manifest  # noqa: E402
 
@@ -211,13 +212,13 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 
 
 def test_failed_export_leaves_no_directory(tmp_path, tiny_paths, monkeypatch):
-    import export.onnx_export as ox
+    import export.graphs as gx
 
     def broken_export(module, args, path, **kwargs):
         path.write_bytes(b"half a graph")  # something was already written into the temporary directory
         raise ExportError(f"simulated failure while exporting {path.name}")
 
-    monkeypatch.setattr(ox, "_torch_export", broken_export)
+    monkeypatch.setattr(gx, "torch_export", broken_export)
     out = tmp_path / "art"
     with pytest.raises(ExportError, match="simulated"):
         export_artifacts(checkpoint=tiny_paths.checkpoint, clip=tiny_paths.clip, out=out, progress=False)
@@ -230,14 +231,14 @@ def test_out_of_tolerance_aborts_and_keeps_the_old_directory(
 ):
     import shutil
 
-    import export.onnx_export as ox
+    import export.verify as vx
 
     out = tmp_path / "art"
     shutil.copytree(tiny_artifacts, out)
     before = (out / "manifest.json").read_bytes()
     # zero tolerance (K = 0, no floor): the (measured, nonzero) rounding errors of the vision graph now fail
-    monkeypatch.setattr(ox, "K_FP64", 0.0)
-    monkeypatch.setattr(ox, "ULP_FLOOR", 0.0)
+    monkeypatch.setattr(vx, "K_FP64", 0.0)
+    monkeypatch.setattr(vx, "ULP_FLOOR", 0.0)
     with pytest.raises(ExportError, match=r"vision\.onnx: ONNX Runtime differs from the reference"):
         export_artifacts(checkpoint=tiny_paths.checkpoint, clip=tiny_paths.clip, out=out, progress=False)
     assert (out / "manifest.json").read_bytes() == before
@@ -265,11 +266,13 @@ def test_bad_precision_is_a_typed_error(tmp_path, tiny_paths):
 def test_fp16_export_without_detector_and_with_external_data(tmp_path, tiny_paths, monkeypatch, capsys):
     """fp16 weights (f32 at the boundary), verified on the CPU provider; a 0-byte external-data threshold forces
     the > 2 GB layout (llm.onnx.data etc.), which must be listed and hashed like any file."""
-    import export.onnx_export as ox
+    import export.graphs as gx
+    import export.memory as mem
     import export.onnx_llm as ol
 
     monkeypatch.setattr(ol, "EXTERNAL_DATA_THRESHOLD", 0)
-    monkeypatch.setattr(ox, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(gx, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(mem, "EXTERNAL_DATA_THRESHOLD", 0)
     out = export_artifacts(
         checkpoint=tiny_paths.checkpoint,
         clip=tiny_paths.clip,
@@ -334,18 +337,19 @@ def test_verification_passes_correct_graphs_and_fails_a_corrupted_weight(
     tiny_artifacts, tiny_model, manifest, tmp_path, monkeypatch, fp64
 ):
     """Both rules: the exported graphs pass on fresh inputs (seed 3; 20 seeds x tiny/small measured in
-    export/onnx_export.py), and every graph with one weight tensor off by 1e-3 relative fails."""
-    import export.onnx_export as ox
+    export/verify.py), and every graph with one weight tensor off by 1e-3 relative fails."""
+    import export.memory as mem
+    import export.verify as vx
 
     if not fp64:  # as for a 7B LLM: no room for a float64 copy -> the RMS-scaled fallback rule
-        monkeypatch.setattr(ox, "available_memory", lambda: 0)
+        monkeypatch.setattr(mem, "available_memory", lambda: 0)
     rule = "fp64_ratio" if fp64 else "rms_rtol"
     info = _llm_info(manifest)
-    good = ox.verify_graphs(tiny_artifacts, tiny_model, info, seed=3)
+    good = vx.verify_graphs(tiny_artifacts, tiny_model, info, seed=3)
     for c in good:
         print("\ncorrect:", c.line())
         assert c.rule == rule and c.ok, c.line()
-    bad = ox.verify_graphs(_corrupt_copy(tiny_artifacts, tmp_path / "bad"), tiny_model, info, seed=3)
+    bad = vx.verify_graphs(_corrupt_copy(tiny_artifacts, tmp_path / "bad"), tiny_model, info, seed=3)
     for c in bad:
         print("corrupted:", c.line())
         assert c.rule == rule and not c.ok, c.line()
@@ -354,21 +358,21 @@ def test_verification_passes_correct_graphs_and_fails_a_corrupted_weight(
 
 def test_greedy_argmax_mismatch_fails(tiny_model, manifest, tiny_artifacts):
     """Logits within tolerance but a different greedy token (beyond a near-tie) fail the LLM check."""
-    import export.onnx_export as ox
+    import export.verify as vx
 
-    case = ox.llm_case(tiny_artifacts / "llm.onnx", _llm_info(manifest), tiny_model.llm, seed=0, steps=2)
+    case = vx.llm_case(tiny_artifacts / "llm.onnx", _llm_info(manifest), tiny_model.llm, seed=0, steps=2)
     case.ref64 = {k: [a.copy() for a in v] for k, v in case.t32.items()}
     logits = case.ort["logits"][1].copy()
     second = int(np.argsort(logits)[-2])
     logits[second] = logits.max() + 1.0  # a clear (non-tie) flip of the argmax at step 1
     case.ort["logits"][1] = logits
-    check = ox._judge(case, "fp64_ratio", 1.0)
+    check = vx._judge(case, "fp64_ratio", 1.0)
     assert not check.argmax_ok and not check.ok and "2/3 identical" in check.argmax
 
 
 # --------------------------------------------------------------------------------------- memory budget
 def test_memory_estimate_counts_the_loaded_weights(tiny_paths, tiny_model):
-    from export.onnx_export import estimate_export_memory
+    from export.memory import estimate_export_memory
 
     est = estimate_export_memory(tiny_paths.checkpoint, tiny_paths.clip, tiny_paths.detector)
     fp32 = 4 * sum(t.numel() for t in tiny_model.state_dict().values() if t.is_floating_point())
@@ -382,7 +386,7 @@ def test_memory_estimate_counts_the_loaded_weights(tiny_paths, tiny_model):
 
 
 def test_export_refuses_cleanly_when_memory_is_short(tmp_path, tiny_paths):
-    from export.onnx_export import estimate_export_memory
+    from export.memory import estimate_export_memory
 
     out = tmp_path / "art"
     with pytest.raises(ExportError, match=r"needs about .* GB of memory .* only 0\.0 GB are available"):

@@ -201,6 +201,73 @@ def test_reference_postprocess_transcribes_infer_py():
     assert explanation == "The red hand has six fingers. 'sky'"
 
 
+@pytest.fixture(scope="module")
+def text_tools(tiny_paths, tmp_path_factory):
+    """(slow tokenizer, runtime Detokenizer over the exported tokenizer.json, prompt ids, [SEG] id, </s> id)."""
+    from export.tokenizer import SlowLlamaTokenizer, prompt_ids, special_token_ids, write_tokenizer_json
+    from legion_rt.text import Detokenizer
+
+    ckpt = tiny_paths.checkpoint
+    tj = write_tokenizer_json(ckpt, tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    det = Detokenizer.from_files(tj, ckpt / "tokenizer_config.json")
+    prefix, suffix = prompt_ids(ckpt)
+    ids = special_token_ids(ckpt)
+    return SlowLlamaTokenizer.from_dir(ckpt), det, prefix + suffix, int(ids["seg"]), int(ids["eos"])
+
+
+def test_reference_pair_phrases_rule_and_runtime_agree(text_tools):
+    """The reference's own phrase pairing (export/reference.py, slow tokenizer) gives the original rule's answer on
+    hand-made answers, and equals the runtime's independent implementation (legion_rt.text.pair_phrases, over
+    tokenizer.json) on random ones."""
+    import random
+
+    from export.reference import reference_pair_phrases
+    from legion_rt.text import pair_phrases
+
+    slow, det, prompt, seg, eos = text_tools
+
+    def both(gen):
+        ref = reference_pair_phrases(slow.decode, prompt, gen, seg)
+        assert ref == pair_phrases(det, prompt, gen, seg), gen
+        return ref
+
+    def enc(text):
+        return slow.encode(text, add_bos=False)
+
+    cases = [
+        (" <p> the left hand </p> [SEG] is deformed, <p> the sky </p> [SEG] [SEG] and [SEG]",
+         ["the left hand", "the sky", "the sky", "the sky"]),
+        (" [SEG] first <p> a [SEG] b </p> [SEG]", [None, "a [SEG] b", "a [SEG] b"]),  # inside a phrase: that phrase
+        (" <p> old </p> [SEG] ASSISTANT: <p> new </p> [SEG]", [None, "new"]),  # before the answer: None
+        ("\n\n <p>  two  words \n</p>\n [SEG]  <p> open [SEG]", ["two words", "two words"]),  # steps 2-3, unclosed
+        ("", []),
+    ]  # fmt: skip
+    for text, want in cases:
+        assert both(enc(text)) == want, text
+        assert both(enc(text) + [eos]) == want, text
+    # "[SEG]" spelled with ordinary pieces is text, not the token
+    spelled = slow.sp.encode("x[SEG]y")
+    assert seg not in spelled
+    assert both(enc(" <p> p1 </p>") + spelled + enc("[SEG]")) == ["p1"]
+
+    rng = random.Random(11)
+    words = ["<p>", "</p>", "[SEG]", " ", "  ", "\n", "hand", "ASSISTANT: ", "'", "<", "x", " ."]
+    raw = [
+        eos,
+        slow.bos_id,
+        slow.unk_id,
+        seg,
+        *(slow.sp.piece_to_id(f"<0x{b:02X}>") for b in (0x0A, 0x20, 0xE2)),
+    ]
+    paired = 0
+    for _ in range(300):
+        gen = enc("".join(rng.choice(words) for _ in range(rng.randrange(0, 20))))
+        for _ in range(rng.randrange(0, 4)):  # special tokens and byte pieces anywhere
+            gen.insert(rng.randrange(len(gen) + 1), rng.choice(raw))
+        paired += sum(p is not None for p in both(gen))
+    assert paired >= 20  # the random answers do pair phrases (measured: 32 [SEG]s get one)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The pipeline on tiny random models: no-cache (as the original) vs KV cache
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,6 +376,27 @@ def test_detector_and_text_fields(tiny_pipelines, tiny_paths):
     assert (post.answer, post.explanation, list(post.phrases)) == (out.text, out.explanation, out.phrases)
     assert len(out.mask_phrases) == out.token_ids.count(pipe.seg_id)
     assert all(p is None or p in out.phrases for p in out.mask_phrases)
+
+
+def test_mask_phrases_agree_with_the_runtime_pairing(tiny_pipelines, text_tools, tmp_path_factory):
+    """On the tiny models' own answers (loop: seed 0; free: seed 0, text that depends on the picture) the
+    reference's per-mask phrases equal legion_rt.text.pair_phrases (the runtime's implementation)."""
+    from export.reference import ReferencePipeline
+    from export.tiny import make_tiny
+    from legion_rt.text import pair_phrases
+
+    _, det, prompt, seg, _ = text_tools
+    free = make_tiny(tmp_path_factory.mktemp("tiny-free"), seed=0, size="tiny", steer="free")
+    pipes = {"loop": tiny_pipelines[0], "free": ReferencePipeline.from_checkpoint(free.checkpoint, free.clip)}
+    for name, pipe in pipes.items():
+        assert pipe.seg_id == seg and [*pipe.prompt.prefix_ids, *pipe.prompt.suffix_ids] == prompt
+        named = 0
+        for i, (h, w) in enumerate([(64, 96), (200, 120), (31, 257)]):
+            out = pipe.run(_rand_image(h, w, seed=40 + i), max_new_tokens=96, use_kv_cache=True)
+            assert out.mask_phrases == pair_phrases(det, prompt, out.token_ids, seg), (name, i)
+            assert len(out.mask_phrases) == out.token_ids.count(seg)
+            named += sum(p is not None for p in out.mask_phrases)
+        assert named > 0, name
 
 
 def test_run_options(tiny_pipelines):

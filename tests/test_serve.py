@@ -379,6 +379,8 @@ def test_metrics_names_and_gated_skips():
             assert name in m
 
 
+# ------------------------------------------------------------------------------------------------ disconnect
+@pytest.mark.parametrize("mode", ["sse", "json"])
 def test_disconnect_cancels_within_one_step(mode, caplog):
     caplog.set_level(logging.INFO)
     step = 0.25  # long enough that scheduling noise on a busy 2-core machine stays well under one step

@@ -1,4 +1,4 @@
-"""export/tiny.py: the released layout, determinism, and the planted greedy language."""
+"""export/tiny/: the released layout, determinism, and the planted greedy language."""
 
 from __future__ import annotations
 
