@@ -13,10 +13,10 @@ torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip 
 transformers = pytest.importorskip("transformers", reason="export-stage tests need transformers")
 onnx = pytest.importorskip("onnx", reason="export-stage tests need onnx")
 
-from export.onnx_llm import build_llm_graph, llm_model_info  # noqa: E402
-from export.onnx_llm_standard import STANDARD_OPSET, build_standard_llm_graph, standard_only  # noqa: E402
 from legion_rt.backends.ort_llm import OrtLLM  # noqa: E402
 from legion_rt.errors import RequestError  # noqa: E402
+from legion_rt.export.onnx_llm import build_llm_graph, llm_model_info  # noqa: E402
+from legion_rt.export.onnx_llm_standard import STANDARD_OPSET, build_standard_llm_graph, standard_only  # noqa: E402
 
 # Measured on this machine (fp32, CPU, onnxruntime 1.32), standard graph vs GQA graph over prefill + 40 greedy
 # steps: random llama (lm_head x8, logits ~5-7, 4 configs): logits <= 3.1e-6, hidden <= 1.2e-6; tiny LEGION LLM
@@ -179,7 +179,7 @@ def test_fp16_standard_graph_is_valid_and_keeps_norms_and_softmax_in_fp32(tmp_pa
 # ------------------------------------------------------------------------------------------ tiny LEGION model
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_paths):
-    from export.checkpoint import load_legion
+    from legion_rt.export.checkpoint import load_legion
 
     return (
         load_legion(tiny_paths.checkpoint, tiny_paths.clip, detector=tiny_paths.detector).float().eval().llm
@@ -203,8 +203,8 @@ def test_tiny_llm_standard_vs_gqa(tmp_path, tiny_llm):
 
 @pytest.mark.slow
 def test_export_both_records_two_llm_graphs_and_verifies_the_second(tmp_path, tiny_paths):
-    from export.onnx_export import export_artifacts
     from legion_rt.artifacts import load_artifacts
+    from legion_rt.export.onnx_export import export_artifacts
 
     out = export_artifacts(checkpoint=tiny_paths.checkpoint, clip=tiny_paths.clip, detector=tiny_paths.detector,
                            out=tmp_path / "art", progress=False, llm_graph="both")  # fmt: skip
@@ -227,8 +227,8 @@ def test_export_both_records_two_llm_graphs_and_verifies_the_second(tmp_path, ti
 def test_export_standard_only_runs_in_the_engine(tmp_path, tiny_paths, tiny_artifacts):
     """--llm-graph standard: llm.onnx is the standard graph and the Engine drives it; same text as the GQA
     artifacts on the same picture."""
-    from export.onnx_export import export_artifacts
     from legion_rt.engine import Engine
+    from legion_rt.export.onnx_export import export_artifacts
 
     out = export_artifacts(checkpoint=tiny_paths.checkpoint, clip=tiny_paths.clip, detector=tiny_paths.detector,
                            out=tmp_path / "art", progress=False, llm_graph="standard", verify=False)  # fmt: skip
@@ -255,8 +255,8 @@ def test_cli_llm_graph_option():
 
 
 def test_unknown_llm_graph_choice_is_an_export_error(tmp_path):
-    from export.llm_graphs import build_llm_graphs
-    from export.onnx_llm import ExportError
+    from legion_rt.export.llm_graphs import build_llm_graphs
+    from legion_rt.export.onnx_llm import ExportError
 
     with pytest.raises(ExportError, match="gqa, standard, both"):
         build_llm_graphs(_llama(0), tmp_path, which="trt")

@@ -321,9 +321,9 @@ def test_trt_llm_driver_gives_the_ort_runner_s_tokens(tmp_path):
     pytest.importorskip("transformers")
     import onnxruntime as ort
 
-    from export.onnx_llm import llm_model_info
-    from export.onnx_llm_standard import build_standard_llm_graph
     from legion_rt.backends.ort_llm import OrtLLM
+    from legion_rt.export.onnx_llm import llm_model_info
+    from legion_rt.export.onnx_llm_standard import build_standard_llm_graph
     from tests.test_ort_llm import _llama
 
     model = _llama(0)
