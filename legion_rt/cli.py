@@ -76,6 +76,7 @@ def cmd_export(args) -> int:
         out=args.out,
         precision=args.precision,
         progress=not args.quiet,
+        llm_graph=args.llm_graph,
     )
     print(f"artifacts: {args.out}")
     return EXIT_OK
@@ -302,13 +303,21 @@ def cmd_build_engines(args) -> int:
 
     if not legion_rt.cuda_available():
         try:
-            _, cudart = trt_backend._import_trt()
-            count = trt_backend._check(cudart.cudaGetDeviceCount())
+            _, cuda = trt_backend._import_trt()
+            count = cuda.check(cuda.rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
         except LegionError:
             count = 0
         if not count:
             raise LegionError("build-engines needs an NVIDIA GPU: no CUDA device is visible")
-    out = trt_backend.build_engines(art, args.precision, log=info)
+    out = trt_backend.build_engines(
+        art,
+        args.precision,
+        log=info,
+        workspace_gb=args.workspace_gb,
+        max_context=args.max_context,
+        fp32_layers=tuple(args.fp32_layers),
+        timing_cache=not args.no_timing_cache,
+    )
     print(f"engines: {out}")
     return EXIT_OK
 
@@ -354,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--detector", default=None)
     e.add_argument("--out", required=True)
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    e.add_argument(
+        "--llm-graph",
+        default="gqa",
+        choices=["gqa", "standard", "both"],
+        help="LLM graph: gqa (ONNX Runtime's GroupQueryAttention, default), standard (standard ONNX operators, "
+        "TensorRT can build it) or both (llm.onnx + llm_standard.onnx)",
+    )
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_export)
 
@@ -472,6 +488,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("artifacts", metavar="ART")
     b.add_argument("--precision", default="fp16", choices=["fp16", "int8", "fp8", "int4"])
     b.add_argument("--verify", default="full", choices=["full", "size", "none"])
+    b.add_argument(
+        "--workspace-gb",
+        type=_ranged(float, 0.01),
+        default=8.0,
+        help="TensorRT workspace pool in GB (default 8, all of an Orin Nano's memory: use 1-2 there)",
+    )
+    b.add_argument(
+        "--max-context",
+        type=_positive_int,
+        default=None,
+        help="positions the LLM engine's KV profile covers (default: the model's max_position_embeddings)",
+    )
+    b.add_argument(
+        "--fp32-layers",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also keep layers whose name matches PATTERN (shell-style) in fp32 (repeatable; reductions, "
+        "normalizations and softmax always are in an fp32-graph build)",
+    )
+    b.add_argument(
+        "--no-timing-cache", action="store_true", help="do not read or write tensorrt/*/timing.cache"
+    )
     b.set_defaults(func=cmd_build_engines)
 
     s = sub.add_parser("serve", help="HTTP service (the serve extra)")

@@ -89,6 +89,10 @@ class Engine:
         self._admission = Admission(max_concurrency, max_queue)
         self._ops = ops
         self._backend = create_backend(self.art, backend, threads=threads, providers=providers)
+        # CUDA pre/post-processing when the graphs run on the GPU (legion_rt/device_path.py); else legion_rt.ops
+        from .device_path import select_ops
+
+        self._ops, self.kernel_path = select_ops(self._backend, ops)
         self.backend_name = self._backend.name
         self.providers = list(self._backend.providers)
 
@@ -253,6 +257,8 @@ class Engine:
         self._closed = True
         self._sam_pool.shutdown(wait=True)
         self._mask_pool.shutdown(wait=True)
+        if hasattr(self._ops, "close"):  # DeviceOps: its device buffers
+            self._ops.close()
 
     def __enter__(self) -> Engine:
         return self
