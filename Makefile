@@ -26,7 +26,14 @@ lint: $(STAMP)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/*)
+# The editable install maps the package's Python files when it is made: when files are added, moved or removed
+# (not just edited), it must be made again. The list of files is a prerequisite whose time changes only when the
+# list does.
+FILES  := $(VENV)/.legion-files
+$(shell mkdir -p $(VENV) && find legion_rt export -name '*.py' -o -name '*.json' | sort > $(FILES).new && \
+  (cmp -s $(FILES).new $(FILES) || mv $(FILES).new $(FILES)); rm -f $(FILES).new)
+
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/*) $(FILES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
@@ -37,6 +44,8 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/*)
 bench: $(STAMP)
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/e2e.py
+	$(PY) benchmarks/classify.py
+	$(PY) benchmarks/watch.py
 
 # build/ holds every build output (CMake's files, the compiled _C); the rest are leftovers of the former
 # in-place editable builds, which ran CMake in the repository root.

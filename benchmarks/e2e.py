@@ -49,10 +49,10 @@ def _cache() -> Path:
 
 def build(size: str, seed: int, verify: bool = True) -> tuple[object, Path]:
     """make_tiny + export once (cached)."""
-    from export.onnx_export import export_artifacts
-    from export.tiny import make_tiny
     from legion_rt.artifacts import load_artifacts
     from legion_rt.errors import ArtifactError
+    from legion_rt.export.onnx_export import export_artifacts
+    from legion_rt.export.tiny import make_tiny
 
     root = _cache()
     ckpt, art = root / f"{size}-seed{seed}", root / f"{size}-seed{seed}-art"
@@ -128,7 +128,7 @@ def run_legion(art: Path, picture: Path, tokens: int, threads: int, repeat: int)
 def run_reference(paths, picture: Path, tokens: int, threads: int, repeat: int, use_kv_cache: bool) -> dict:
     import torch
 
-    from export.reference import ReferencePipeline
+    from legion_rt.export.reference import ReferencePipeline
 
     torch.set_num_threads(threads)
     ref = ReferencePipeline.from_checkpoint(paths.checkpoint, paths.clip, paths.detector)
@@ -150,7 +150,7 @@ def run_nocache(
     an extrapolated (a) takes (b)'s mask time."""
     import torch
 
-    from export.reference import ReferencePipeline
+    from legion_rt.export.reference import ReferencePipeline
 
     torch.set_num_threads(threads)
     ref = ReferencePipeline.from_checkpoint(paths.checkpoint, paths.clip, paths.detector)

@@ -45,7 +45,7 @@ def _status(field: str) -> int:
 
 
 def bench_config(gb: float):
-    from export.config import CONFIGS
+    from legion_rt.export.config import CONFIGS
 
     # LLaMA-shaped LLM with the real vocabulary; layers chosen so the checkpoint is about `gb` GB of bf16.
     hidden, mlp, vocab = 1280, 3456, 32007
@@ -62,8 +62,13 @@ def write_checkpoint(out: Path, gb: float) -> int:
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from export.model.legion import LegionModel
-    from export.tiny import _region_encoder_tensors, _to_ckpt_key, checkpoint_config_json, clip_config_json
+    from legion_rt.export.model.legion import LegionModel
+    from legion_rt.export.tiny import (
+        _region_encoder_tensors,
+        _to_ckpt_key,
+        checkpoint_config_json,
+        clip_config_json,
+    )
 
     cfg = bench_config(gb)
     ckpt, clip = out / "checkpoint", out / "clip"
@@ -118,8 +123,8 @@ def measure(out: Path, dtype_name: str, drop_pages: bool = True) -> dict:
     import torch
     from transformers import CLIPVisionModel, LlamaForCausalLM  # noqa: F401
 
-    import export.checkpoint as ck
-    import export.model.legion  # noqa: F401  (imports transformers' CLIP and LLaMA before the baseline)
+    import legion_rt.export.checkpoint as ck
+    import legion_rt.export.model.legion  # noqa: F401  (imports transformers' CLIP and LLaMA before the baseline)
 
     torch.set_num_threads(2)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]

@@ -50,8 +50,9 @@ from legion_rt.manifest import (
 )
 
 from . import graphs as torch_graphs
+from .llm_graphs import build_llm_graphs, verify_second_llm_graph
 from .memory import check_export_memory
-from .onnx_llm import ExportError, build_llm_graph, check_checkpoint_head_dim, llm_model_info
+from .onnx_llm import ExportError, check_checkpoint_head_dim, llm_model_info
 from .progress import Progress
 from .quantize import QUANTIZED_PRECISIONS, check_matmul_nbits, quantize_llm
 from .verify import verify_graphs
@@ -75,6 +76,7 @@ def export_artifacts(
     seed: int = 0,
     tolerance_scale: float = 1.0,
     memory_limit: int | None = None,
+    llm_graph: str = "gqa",
 ) -> Path:
     """Write the artifact directory ``out`` (docs/FORMAT.md) from a LEGION checkpoint directory, a CLIP
     directory and an optional detector file. Returns ``out`` as a Path.
@@ -84,7 +86,8 @@ def export_artifacts(
     PyTorch (see "How a graph is judged" in export/verify.py; ``tolerance_scale`` multiplies every limit); raises
     ExportError when a graph fails. ``memory_limit``: bytes the export may use (None: what the machine has
     available); an export estimated to need more is refused before any weight is read. An existing ``out`` is
-    replaced only when it is an artifact directory (has a manifest.json)."""
+    replaced only when it is an artifact directory (has a manifest.json). ``llm_graph``: "gqa" | "standard" | "both",
+    which LLM graph(s) to write (export/llm_graphs.py)."""
     checkpoint, clip, out = Path(checkpoint), Path(clip), Path(out)
     detector = Path(detector) if detector is not None else None
     if precision not in PRECISIONS:
@@ -96,6 +99,8 @@ def export_artifacts(
     # Refuse early, with a message, rather than be killed by the kernel after minutes of loading.
     check_checkpoint_head_dim(checkpoint)
     if precision in QUANTIZED_PRECISIONS:  # this ONNX Runtime quantizes and runs MatMulNBits
+        if llm_graph != "gqa":
+            raise ExportError(f"--precision {precision} quantizes the GQA llm.onnx only; use --llm-graph gqa")
         check_matmul_nbits(precision)
     check_export_memory(checkpoint, clip, detector, precision=precision, verify=verify, limit=memory_limit)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +117,7 @@ def export_artifacts(
             seed=seed,
             tolerance_scale=tolerance_scale,
             bar=bar,
+            llm_graph=llm_graph,
         )
         umask = os.umask(0)
         os.umask(umask)
@@ -162,6 +168,7 @@ def _export_into(
     seed: int,
     tolerance_scale: float,
     bar: Progress,
+    llm_graph: str = "gqa",
 ) -> ExportReport:
     import torch
 
@@ -180,6 +187,7 @@ def _export_into(
         tolerance_scale=tolerance_scale,
         bar=bar,
         report=report,
+        llm_graph=llm_graph,
     )
 
     with bar.step("write embeddings and tokenizer"), _Timer(report, "tokenizer"):
@@ -220,6 +228,7 @@ def export_graphs(
     tolerance_scale: float = 1.0,
     bar=None,
     report=None,
+    llm_graph: str = "gqa",
 ) -> Graphs:
     """Write vision.onnx, sam_encoder.onnx, mask_head.onnx and llm.onnx for ``model`` (a LegionModel) into
     ``out_dir`` and verify them; returns the manifest's ``graphs`` block. Raises ExportError when a graph is out of tolerance.
@@ -270,8 +279,12 @@ def export_graphs(
         )
     with bar.step("build llm.onnx"), _Timer(report, "llm"):
         # int8/int4: the fp32 graph first (verified like any fp32 export), quantized at the end
-        info = build_llm_graph(llm, out_dir / "llm.onnx", precision="fp16" if precision == "fp16" else "fp32")
-        graphs["llm"] = info
+        graphs.update(
+            build_llm_graphs(
+                llm, out_dir, precision="fp16" if precision == "fp16" else "fp32", which=llm_graph
+            )
+        )
+        info = graphs["llm"]
 
     if precision == "fp16":
         with bar.step("convert graphs to fp16"), _Timer(report, "fp16"):
@@ -281,6 +294,8 @@ def export_graphs(
         with bar.step("verify graphs in ONNX Runtime"), _Timer(report, "verify"):
             report.checks = verify_graphs(
                 out_dir, model, info, seed, scale=tolerance_scale, fp16=precision == "fp16", bar=bar
+            ) + verify_second_llm_graph(
+                out_dir, graphs, llm, seed, scale=tolerance_scale, fp16=precision == "fp16"
             )
         for c in report.checks:
             bar.log("  " + c.line())

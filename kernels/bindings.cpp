@@ -380,6 +380,28 @@ void postprocess_masks_cuda(uintptr_t low_res, const py::handle& low_res_shape, 
 #endif
 }
 
+void pack_masks_cuda(uintptr_t masks, int64_t n, int64_t per_mask, uintptr_t packed_out, uintptr_t stream) {
+  if (n < 0 || per_mask < 0 || n > std::numeric_limits<int32_t>::max())
+    value_error("n and per_mask must be >= 0 (n < 2^31)");
+  checked_mul(n, per_mask, "n * per_mask");
+  if (n > 0 && per_mask > 0) {
+    check_ptr(masks, "masks");
+    check_ptr(packed_out, "packed_out");
+  }
+#ifdef LEGION_RT_WITH_CUDA
+  int code;
+  {
+    py::gil_scoped_release release;
+    code = lrt::pack_masks_cuda(reinterpret_cast<const uint8_t*>(masks), static_cast<int>(n), per_mask,
+                                reinterpret_cast<uint8_t*>(packed_out), stream);
+  }
+  check_cuda(code, "pack_masks_cuda");
+#else
+  (void)stream;
+  throw std::runtime_error("legion_rt._C was built without CUDA (LEGION_RT_CUDA=OFF or no nvcc at build time)");
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -414,4 +436,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("input_size"), py::arg("original_size"), py::arg("masks_out"), py::arg("union_out") = 0,
         py::arg("bboxes_out") = 0, py::arg("areas_out") = 0, py::arg("stream") = 0, py::arg("image_size") = 1024,
         "Device-pointer mask post-processing enqueued on `stream`");
+  m.def("pack_masks_cuda", &pack_masks_cuda, py::arg("masks"), py::arg("n"), py::arg("per_mask"), py::arg("packed_out"),
+        py::arg("stream") = 0,
+        "uint8 [n, per_mask] -> bits [n, ceil(per_mask/8)] (LSB first) on the device, enqueued on `stream`");
 }

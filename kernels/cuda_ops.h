@@ -19,6 +19,11 @@ int postprocess_masks_cuda(const float* low_res, int n, int in_h, int in_w, int 
                            int out_h, int out_w, uint8_t* masks, uint8_t* union_out, int64_t* bboxes, int64_t* areas,
                            uintptr_t stream);
 
+// masks uint8 [n, per_mask] (0 / non-zero) -> packed uint8 [n, ceil(per_mask / 8)]: bit b of byte j of mask m is
+// masks[m, 8 j + b] != 0 (least significant bit first, numpy.packbits(bitorder="little") per mask). What a
+// device-resident request copies back instead of the masks: 8x fewer bytes.
+int pack_masks_cuda(const uint8_t* masks, int n, int64_t per_mask, uint8_t* packed, uintptr_t stream);
+
 // Number of usable CUDA devices; 0 on any error (no driver, no device). Never throws.
 int cuda_device_count();
 // Whether `device` supports stream-ordered allocation (memory pools); asked once per device. False on any error.

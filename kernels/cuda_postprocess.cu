@@ -86,7 +86,33 @@ __global__ void finalize_stats_kernel(const MaskStat* stats, int n, int64_t* bbo
   areas[i] = static_cast<int64_t>(s.area);
 }
 
+__global__ void pack_masks_kernel(const uint8_t* masks, int n, int64_t per_mask, int64_t packed_per_mask,
+                                  uint8_t* packed) {
+  const int64_t total = packed_per_mask * n;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total; k += step) {
+    const int64_t m = k / packed_per_mask, j = k - m * packed_per_mask;
+    const uint8_t* src = masks + m * per_mask;
+    unsigned v = 0u;
+    for (int b = 0; b < 8; ++b) {
+      const int64_t i = 8 * j + b;
+      if (i < per_mask && src[i] != 0) v |= 1u << b;
+    }
+    packed[k] = static_cast<uint8_t>(v);
+  }
+}
+
 }  // namespace
+
+int pack_masks_cuda(const uint8_t* masks, int n, int64_t per_mask, uint8_t* packed, uintptr_t stream_handle) {
+  const int64_t packed_per_mask = (per_mask + 7) / 8;
+  const int64_t total = packed_per_mask * n;
+  if (total <= 0) return 0;
+  const int64_t blocks = (total + 255) / 256;
+  pack_masks_kernel<<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), 256, 0, as_stream(stream_handle)>>>(
+      masks, n, per_mask, packed_per_mask, packed);
+  return static_cast<int>(cudaGetLastError());
+}
 
 int postprocess_masks_cuda(const float* low_res, int n, int in_h, int in_w, int image_size, int input_h, int input_w,
                            int out_h, int out_w, uint8_t* masks, uint8_t* union_out, int64_t* bboxes, int64_t* areas,

@@ -54,6 +54,14 @@ def __getattr__(name: str):
         from . import result
 
         return getattr(result, name)
+    if name == "Classification":
+        from .classify import Classification
+
+        return Classification
+    if name == "FrameResult":
+        from .watch import FrameResult
+
+        return FrameResult
     if name == "ops":
         import importlib
 

@@ -63,16 +63,24 @@ def summary(name: str, result) -> str:
 
 
 def decode_all(images: list[str], max_pixels: int | None = None) -> list:
-    """Decode every picture up front: a bad one fails the command before a model is loaded or a file written."""
+    """Decode every picture up front (the demo's single picture; ``analyze`` decodes one at a time)."""
     from .image import DEFAULT_MAX_PIXELS, load_image
 
     return [load_image(p, max_pixels=max_pixels or DEFAULT_MAX_PIXELS) for p in images]
 
 
+def result_doc(name: str, result) -> dict:
+    """The Result JSON of one picture with its path as ``"image"`` (set after ``to_dict()``, which may write
+    its own ``"image"``: the result of a decoded array has none)."""
+    doc = result.to_dict()
+    doc["image"] = printable(name)
+    return doc
+
+
 def run_analyze(
     engine,
     images: list[str],
-    rgbs: list,
+    rgbs: list | None,
     *,
     json_path,
     overlay_path,
@@ -80,31 +88,67 @@ def run_analyze(
     opts,
     quiet: bool,
     show_text=True,
+    jsonl=None,
+    keep_going: bool = False,
+    errors: dict[str, str] | None = None,
 ) -> list:
+    """Run ``images`` (paths) one after the other. ``rgbs``: their decoded pictures, or None to decode each one
+    just before it runs (memory does not grow with the number of pictures). ``jsonl``: a ``JsonlWriter`` that
+    gets one Result JSON line per picture as it finishes; ``keep_going``: a picture that cannot be decoded or
+    used gets an error line (``{"image", "error"}``) and the run goes on; ``errors`` collects those
+    (name -> message). Output pictures of several inputs are named by their whole path (``inputs.output_key``),
+    so ``a/x.jpg`` and ``b/x.jpg`` never overwrite each other. Returns the number of pictures that failed."""
+    from .image import load_image
+    from .inputs import output_key
     from .overlay import atomic_write_json, write_masks, write_overlay
+    from .progress import make_progress
 
-    results = []
+    docs: list[dict] = []  # the --json documents (small); results are not kept, their masks are large
+    failed = 0
     multi = len(images) > 1
-    for path, rgb in zip(images, rgbs, strict=True):
-        if multi and show_text:
-            info(f"== {path}")
-        result = stream_one(engine, path, rgb, opts, quiet=quiet, show_text=show_text)
-        results.append(result)
-        if not quiet:
-            info(summary(path, result))
-        stem = Path(path).stem
-        if overlay_path:
-            target = numbered(Path(overlay_path), stem, multi)
-            out = write_or_fail(target, write_overlay, target, rgb, result)
-            if not quiet:
-                info(f"overlay: {out}")
-        if masks_dir:
-            outs = write_or_fail(masks_dir, write_masks, masks_dir, result, stem=stem)
-            if not quiet:
-                info(f"masks: {len(outs)} PNG files in {masks_dir}")
+    errors = {} if errors is None else errors
+    progress = make_progress(len(images), quiet=quiet or not multi, what="pictures")
+    try:
+        for i, path in enumerate(images):
+            try:
+                rgb = rgbs[i] if rgbs is not None else load_image(path, max_pixels=engine.max_pixels)
+                if multi and show_text:
+                    progress.print(f"== {path}")
+                result = stream_one(engine, path, rgb, opts, quiet=quiet, show_text=show_text)
+            except ImageError as e:
+                if not keep_going:
+                    raise
+                errors[path] = str(e)
+                failed += 1
+                if jsonl is not None:
+                    jsonl.write({"image": printable(path), "error": str(e)})
+                progress.advance(f"{path}: error: {e}", ok=False)
+                continue
+            rgbs_kept, rgb = rgb, None
+            if json_path:
+                docs.append(result_doc(path, result))
+            if jsonl is not None:
+                jsonl.write(result_doc(path, result))
+            key = output_key(path) if multi else Path(path).stem
+            if overlay_path:
+                target = numbered(Path(overlay_path), key, multi)
+                out = write_or_fail(target, write_overlay, target, rgbs_kept, result)
+                if not quiet:
+                    progress.print(f"overlay: {out}")
+            del rgbs_kept
+            if masks_dir:
+                outs = write_or_fail(masks_dir, write_masks, masks_dir, result, stem=key)
+                if not quiet:
+                    progress.print(f"masks: {len(outs)} PNG files in {masks_dir}")
+            if not multi:
+                if not quiet:
+                    info(summary(path, result))
+            else:
+                progress.advance(summary(path, result), ok=True)
+    finally:
+        progress.close()
     if json_path:
-        docs = [{"image": printable(p), **r.to_dict()} for p, r in zip(images, results, strict=True)]
-        write_or_fail(json_path, atomic_write_json, json_path, docs[0] if not multi else docs)
+        write_or_fail(json_path, atomic_write_json, json_path, docs[0] if not multi and docs else docs)
         if not quiet:
             info(f"json: {json_path}")
-    return results
+    return failed

@@ -22,7 +22,7 @@ from typing import Any
 
 from .analyze import decode_all, run_analyze
 from .demo import cache_dir, demo_picture, ensure_tiny_artifacts, export_module
-from .errors import LegionError, RequestError, UsageError
+from .errors import ImageError, LegionError, RequestError, UsageError
 from .outputs import check_output_paths, info
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -76,6 +76,7 @@ def cmd_export(args) -> int:
         out=args.out,
         precision=args.precision,
         progress=not args.quiet,
+        llm_graph=args.llm_graph,
     )
     print(f"artifacts: {args.out}")
     return EXIT_OK
@@ -114,23 +115,152 @@ def _request_opts(args) -> dict[str, Any]:
     }
 
 
+def _checked_pictures(args, max_pixels=None) -> tuple[list[str], dict[str, str]]:
+    """Expand the picture arguments (files, directories, globs) and check each header cheaply. Returns the
+    pictures to run and, with --keep-going, the ones refused (name -> message); without it the first bad
+    picture raises before any model is loaded."""
+    from .image import DEFAULT_MAX_PIXELS
+    from .inputs import check_header, expand
+
+    pictures = expand(args.images)
+    if getattr(args, "resume", False):
+        from .outputs import printable, read_done
+
+        done = read_done(args.jsonl)
+        skipped = [p for p in pictures if printable(p) in done]
+        pictures = [p for p in pictures if printable(p) not in done]
+        if skipped and not args.quiet:
+            info(f"resume: {len(skipped)} pictures already in {args.jsonl}, {len(pictures)} to go")
+    ok, bad = [], {}
+    for p in pictures:
+        try:
+            check_header(p, max_pixels or DEFAULT_MAX_PIXELS)
+        except LegionError as e:
+            if not getattr(args, "keep_going", False):
+                raise
+            bad[p] = str(e)
+            continue
+        ok.append(p)
+    return ok, bad
+
+
+def _jsonl_options(args) -> None:
+    from .outputs import check_jsonl_path
+
+    if args.resume and not args.jsonl:
+        raise UsageError("--resume needs --jsonl FILE (the file of the earlier run)")
+    if args.resume and args.jsonl == "-":
+        raise UsageError("--resume needs --jsonl FILE, not stdout")
+    check_jsonl_path("--jsonl", args.jsonl)
+
+
 def cmd_analyze(args) -> int:
+    from .outputs import JsonlWriter, printable
+
     check_output_paths(json_path=args.json, overlay_path=args.overlay, masks_dir=args.masks_dir)
-    rgbs = decode_all(args.images)
-    engine = engine_from_args(args)
-    if not args.quiet:
+    _jsonl_options(args)
+    pictures, bad = _checked_pictures(args)
+    if not pictures and not bad:
+        if not args.quiet:
+            info("nothing to do: every picture is already in " + str(args.jsonl))
+        return EXIT_OK
+    rgbs = None
+    if len(pictures) == 1:
+        # One picture: decoded before the model loads, so a picture that fails to decode fails the command
+        # before anything is printed or written (several pictures are decoded one at a time instead).
+        try:
+            rgbs = decode_all(pictures)
+        except ImageError as e:
+            if not args.keep_going:
+                raise
+            bad[pictures[0]] = str(e)
+            pictures = []
+    engine = engine_from_args(args) if pictures else None
+    if engine is not None and not args.quiet:
         info(f"backend: {engine.backend_name} ({', '.join(engine.providers)})")
-    run_analyze(
-        engine,
-        args.images,
-        rgbs,
-        json_path=args.json,
-        overlay_path=args.overlay,
-        masks_dir=args.masks_dir,
-        opts=_request_opts(args),
-        quiet=args.quiet,
-    )
+    jsonl = JsonlWriter(args.jsonl) if args.jsonl else None
+    errors = dict(bad)
+    try:
+        if jsonl is not None:
+            for p, msg in bad.items():
+                jsonl.write({"image": printable(p), "error": msg})
+        for p, msg in bad.items():
+            if not args.quiet:
+                info(f"{p}: error: {msg}")
+        if pictures:
+            run_analyze(
+                engine,
+                pictures,
+                rgbs,
+                json_path=args.json,
+                overlay_path=args.overlay,
+                masks_dir=args.masks_dir,
+                opts=_request_opts(args),
+                quiet=args.quiet,
+                show_text=not args.jsonl,
+                jsonl=jsonl,
+                keep_going=args.keep_going,
+                errors=errors,
+            )
+    finally:
+        if jsonl is not None:
+            jsonl.close()
+    if errors:
+        _err(f"{len(errors)} of {len(pictures) + len(bad)} pictures failed (see the error lines)")
+        return EXIT_FAIL
     return EXIT_OK
+
+
+def cmd_classify(args) -> int:
+    from .classify import iter_classify
+    from .outputs import JsonlWriter, printable
+    from .progress import make_progress
+
+    _jsonl_options(args)
+    pictures, bad = _checked_pictures(args)
+    engine = engine_from_args(args)
+    errors = dict(bad)
+    jsonl = JsonlWriter(args.jsonl) if args.jsonl else None
+    progress = make_progress(len(pictures), quiet=args.quiet or len(pictures) < 2, what="pictures")
+
+    def on_error(image, e) -> None:
+        errors[image] = str(e)
+        if jsonl is not None:
+            jsonl.write({"image": printable(image), "error": str(e)})
+        progress.advance(f"{image}: error: {e}", ok=False)
+
+    try:
+        for p, msg in bad.items():
+            on_error(p, msg)
+        for c in iter_classify(
+            engine,
+            pictures,
+            batch_size=args.batch_size,
+            on_error=on_error if args.keep_going else None,
+        ):
+            doc = c.to_dict()
+            doc["image"] = printable(c.image)
+            if jsonl is not None:
+                jsonl.write(doc)
+            line = f"{doc['image']}\t{c.verdict}\t{c.fake_probability:.6f}"
+            if jsonl is None:
+                print(line, flush=True)  # the answer itself, on stdout
+            elif args.jsonl != "-":
+                progress.advance(line.replace("\t", " "), ok=True)
+    finally:
+        progress.close()
+        if jsonl is not None:
+            jsonl.close()
+    if errors:
+        _err(f"{len(errors)} of {len(pictures) + len(bad)} pictures failed")
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_watch(args) -> int:
+    from .watch import main as watch_main
+
+    return int(watch_main(args, engine_from_args) or 0)
 
 
 def cmd_demo(args) -> int:
@@ -173,13 +303,21 @@ def cmd_build_engines(args) -> int:
 
     if not legion_rt.cuda_available():
         try:
-            _, cudart = trt_backend._import_trt()
-            count = trt_backend._check(cudart.cudaGetDeviceCount())
+            _, cuda = trt_backend._import_trt()
+            count = cuda.check(cuda.rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
         except LegionError:
             count = 0
         if not count:
             raise LegionError("build-engines needs an NVIDIA GPU: no CUDA device is visible")
-    out = trt_backend.build_engines(art, args.precision, log=info)
+    out = trt_backend.build_engines(
+        art,
+        args.precision,
+        log=info,
+        workspace_gb=args.workspace_gb,
+        max_context=args.max_context,
+        fp32_layers=tuple(args.fp32_layers),
+        timing_cache=not args.no_timing_cache,
+    )
     print(f"engines: {out}")
     return EXIT_OK
 
@@ -225,13 +363,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--detector", default=None)
     e.add_argument("--out", required=True)
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"])
+    e.add_argument(
+        "--llm-graph",
+        default="gqa",
+        choices=["gqa", "standard", "both"],
+        help="LLM graph: gqa (ONNX Runtime's GroupQueryAttention, default), standard (standard ONNX operators, "
+        "TensorRT can build it) or both (llm.onnx + llm_standard.onnx)",
+    )
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_export)
 
     a = sub.add_parser("analyze", help="analyze pictures (streams the explanation)")
-    a.add_argument("images", nargs="+", metavar="IMAGE")
+    a.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="picture files, directories (recursive) or glob patterns"
+    )
     engine_opts(a)
     a.add_argument("--json", default=None, metavar="FILE")
+    a.add_argument(
+        "--jsonl", default=None, metavar="FILE", help="append one Result JSON line per picture as it finishes"
+    )
+    a.add_argument(
+        "--keep-going",
+        action="store_true",
+        help='a bad picture gets an {"image", "error"} line and the run goes on (exit 1 at the end)',
+    )
+    a.add_argument("--resume", action="store_true", help="skip pictures that already have a line in --jsonl")
     a.add_argument("--overlay", default=None, metavar="FILE", help="PNG with masks tinted and boxes drawn")
     a.add_argument("--masks-dir", default=None, metavar="DIR", help="also write each mask as a PNG here")
     a.add_argument("--max-new-tokens", type=_positive_int, default=512)
@@ -247,6 +403,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--quiet", action="store_true")
     a.set_defaults(func=cmd_analyze)
+
+    c = sub.add_parser("classify", help="verdicts only, batched (no LLM, no SAM)")
+    c.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="picture files, directories (recursive) or glob patterns"
+    )
+    engine_opts(c)
+    c.add_argument("--batch-size", type=_positive_int, default=8, metavar="N")
+    c.add_argument(
+        "--jsonl", default=None, metavar="FILE", help="append one JSON line per picture ('-': stdout)"
+    )
+    c.add_argument(
+        "--keep-going", action="store_true", help="a bad picture gets an error line; exit 1 at the end"
+    )
+    c.add_argument("--resume", action="store_true", help="skip pictures that already have a line in --jsonl")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=cmd_classify)
+
+    w = sub.add_parser("watch", help="analyze a video, camera, URL or frame directory frame by frame")
+    w.add_argument(
+        "source", metavar="SOURCE", help="video file, frame directory, /dev/videoN, camera index, URL"
+    )
+    engine_opts(w)
+    sampling = w.add_mutually_exclusive_group()
+    sampling.add_argument("--every", type=_positive_int, default=None, metavar="N", help="every N-th frame")
+    sampling.add_argument(
+        "--fps",
+        type=_ranged(float, 1e-6),
+        default=None,
+        metavar="F",
+        help="F frames per second of stream time",
+    )
+    w.add_argument(
+        "--min-change",
+        type=_probability,
+        default=None,
+        metavar="T",
+        help="skip frames that changed less than T in [0, 1] since the last analyzed one",
+    )
+    w.add_argument(
+        "--jsonl", default=None, metavar="FILE", help="one JSON line per considered frame ('-': stdout)"
+    )
+    w.add_argument(
+        "--limit-frames", type=_positive_int, default=None, metavar="K", help="stop after K frames"
+    )
+    w.add_argument(
+        "--video-out",
+        default=None,
+        metavar="FILE",
+        help="annotated video of the considered frames (.avi or .mp4)",
+    )
+    w.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    w.add_argument("--skip-if-real", type=_probability, default=None, metavar="P")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=cmd_watch)
 
     t = sub.add_parser("make-tiny", help="write a small random-weight checkpoint (tests, demo)")
     t.add_argument("--out", required=True)
@@ -278,6 +488,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("artifacts", metavar="ART")
     b.add_argument("--precision", default="fp16", choices=["fp16", "int8", "fp8", "int4"])
     b.add_argument("--verify", default="full", choices=["full", "size", "none"])
+    b.add_argument(
+        "--workspace-gb",
+        type=_ranged(float, 0.01),
+        default=8.0,
+        help="TensorRT workspace pool in GB (default 8, all of an Orin Nano's memory: use 1-2 there)",
+    )
+    b.add_argument(
+        "--max-context",
+        type=_positive_int,
+        default=None,
+        help="positions the LLM engine's KV profile covers (default: the model's max_position_embeddings)",
+    )
+    b.add_argument(
+        "--fp32-layers",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also keep layers whose name matches PATTERN (shell-style) in fp32 (repeatable; reductions, "
+        "normalizations and softmax always are in an fp32-graph build)",
+    )
+    b.add_argument(
+        "--no-timing-cache", action="store_true", help="do not read or write tensorrt/*/timing.cache"
+    )
     b.set_defaults(func=cmd_build_engines)
 
     s = sub.add_parser("serve", help="HTTP service (the serve extra)")

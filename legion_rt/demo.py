@@ -12,30 +12,23 @@ from .errors import ArtifactError, LegionError
 from .outputs import info
 
 
-def import_export():
-    """The export package: ``legion_rt.export`` (wheel) or top-level ``export`` (source checkout)."""
+def export_module(sub: str):
+    """``legion_rt.export.<sub>``: the export stage (torch), imported on demand. It is ``export/`` of the source
+    tree, installed as ``legion_rt.export`` by the wheel and by the editable install alike."""
+    import importlib
+
     try:
         import torch  # noqa: F401
     except ImportError:
         raise LegionError(
             "this command needs the export stage (torch, transformers, onnx): pip install 'legion_rt[export]'"
         ) from None
-    import importlib
-
-    for name in ("legion_rt.export", "export"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "__path__") and (Path(next(iter(mod.__path__))) / "onnx_export.py").is_file():
-            return name
-    raise LegionError("the export package is not installed (pip install 'legion_rt[export]')")
-
-
-def export_module(sub: str):
-    import importlib
-
-    return importlib.import_module(f"{import_export()}.{sub}")
+    try:
+        return importlib.import_module(f"legion_rt.export.{sub}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("legion_rt.export"):
+            raise LegionError("the export stage is not installed (pip install 'legion_rt[export]')") from None
+        raise LegionError(f"the export stage needs {e.name}: pip install 'legion_rt[export]'") from None
 
 
 def cache_dir() -> Path:

@@ -92,6 +92,10 @@ class Engine:
         self.max_memory = None if max_memory is None else int(max_memory)
         self._ops = ops
         self._backend = create_backend(self.art, backend, threads=threads, providers=providers)
+        # CUDA pre/post-processing when the graphs run on the GPU (legion_rt/device_path.py); else legion_rt.ops
+        from .device_path import select_ops
+
+        self._ops, self.kernel_path = select_ops(self._backend, ops)
         self.backend_name = self._backend.name
         self.providers = list(self._backend.providers)
 
@@ -155,32 +159,6 @@ class Engine:
             req.close()
         raise RequestError("the request was cancelled before it finished")  # only via Request.cancel()
 
-    def stream(
-        self,
-        image: Any,
-        *,
-        max_new_tokens: int = 512,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        skip_if_real: float | None = None,
-        ignore_eos: bool = False,
-        timeout_s: float | None = None,
-    ) -> Request:
-        """Yield ``TokenEvent`` per generated token, ``MaskEvent`` per [SEG] as soon as its mask is ready (in
-        [SEG] order), then ``DoneEvent(result)``. Same arguments as ``request``; closing the returned iterator
-        early (``close()``, or dropping it) cancels the request and frees its memory."""
-        return self.request(
-            image,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            skip_if_real=skip_if_real,
-            ignore_eos=ignore_eos,
-            timeout_s=timeout_s,
-        )
-
     def request(
         self,
         image: Any,
@@ -192,15 +170,20 @@ class Engine:
         skip_if_real: float | None = None,
         ignore_eos: bool = False,
         timeout_s: float | None = None,
+        color_order: str = "rgb",
     ) -> Request:
-        """Make one ``Request`` (an iterator of events, with ``cancel()`` / ``close()``).
+        """Make one ``Request``: an iterator of events, ``TokenEvent`` per generated token, ``MaskEvent`` per [SEG]
+        as soon as its mask is ready (in [SEG] order), then ``DoneEvent(result)``. ``stream`` is this same call.
+        Closing it early (``close()``, or dropping it) cancels the request and frees its memory; ``cancel()``
+        stops it from another thread.
 
         ``image``: path, bytes, PIL.Image or RGB uint8 [H, W, 3]. ``max_new_tokens`` >= 1 (prompt + new tokens
         must fit the model's positions). ``temperature`` 0 = greedy (the reference's rule); > 0 samples with
         ``top_p`` and ``seed``. ``skip_if_real`` in [0, 1] (detect-first gating, off by default): when the
         detector's P(real) >= skip_if_real the LLM is not run; the result has the verdict only. ``ignore_eos``:
         keep generating after EOS (benchmarks). ``timeout_s`` > 0: past that many seconds from this call (the
-        wait for an admission slot included) the request stops and raises ``DeadlineError``.
+        wait for an admission slot included) the request stops and raises ``DeadlineError``. ``color_order``:
+        "rgb" (default) or "bgr" for an ndarray ``image`` (e.g. a frame from OpenCV); other inputs ignore it.
         Raises ImageError (bad picture), RequestError (bad option), BusyError (queue full) or DeadlineError
         (no slot in time) here, before any model work is done.
         """
@@ -236,7 +219,7 @@ class Engine:
         if self._closed:
             raise RequestError("this Engine is closed")
         # Decode the picture eagerly so a bad image raises here, at the call, not at the first next().
-        rgb = load_image(image, max_pixels=self.max_pixels)
+        rgb = load_image(image, max_pixels=self.max_pixels, color_order=color_order)
         # SAM's ResizeLongestSide rounds the short side to 0 pixels past ~2048:1; the reference fails there too.
         h, w, sam = int(rgb.shape[0]), int(rgb.shape[1]), int(self._pre_kwargs["sam_size"])
         scale = sam * 1.0 / max(h, w)  # segment-anything's get_preprocess_shape, float64 as in the reference
@@ -258,11 +241,31 @@ class Engine:
             image_name=name if isinstance(name, str) else None,
         )
 
+    # ``stream`` is the same call: "yield TokenEvent per generated token, MaskEvent per [SEG] as soon as its mask is
+    # ready (in [SEG] order), then DoneEvent(result)"; closing the iterator early cancels the request.
+    stream = request
+
+    def classify(self, images: Any, *, batch_size: int = 8, color_order: str = "rgb") -> list:
+        """Verdicts only, batched (vision graph + detector head; no LLM, no SAM): one ``Classification`` per
+        picture, equal to ``analyze``'s verdict and probability. See legion_rt/classify.py."""
+        from .classify import classify
+
+        return classify(self, images, batch_size=batch_size, color_order=color_order)
+
+    def watch(self, source: Any, **options: Any):
+        """Analyze a video, camera, URL, frame directory or iterable of frames: yields one ``FrameResult`` per
+        frame considered. See legion_rt/watch.py for the options."""
+        from .watch import watch
+
+        return watch(self, source, **options)
+
     def close(self) -> None:
         """Stop the worker pools (pending jobs finish first)."""
         self._closed = True
         self._sam_pool.shutdown(wait=True)
         self._mask_pool.shutdown(wait=True)
+        if hasattr(self._ops, "close"):  # DeviceOps: its device buffers
+            self._ops.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -54,17 +54,33 @@ def describe(src: Any) -> str:
     return f"<{type(src).__name__}>"
 
 
-def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+COLOR_ORDERS = ("rgb", "bgr")
+
+
+def check_color_order(color_order: Any) -> str:
+    """``"rgb"`` or ``"bgr"`` (any case); anything else raises RequestError."""
+    from .errors import RequestError
+
+    if not isinstance(color_order, str) or color_order.lower() not in COLOR_ORDERS:
+        raise RequestError(f"color_order={color_order!r}: must be 'rgb' or 'bgr'")
+    return color_order.lower()
+
+
+def load_image(src: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, color_order: str = "rgb") -> np.ndarray:
     """Return the picture as a C-contiguous RGB uint8 array [H, W, 3].
 
     ``src``: a path (str / PathLike), encoded file bytes, a ``PIL.Image.Image`` (EXIF orientation applied as for a
-    file), or an ndarray: uint8 [H, W, 3] RGB (used as is) or uint8 [H, W] gray (replicated).
-    Raises ``ImageError`` naming the input when it cannot be read, is truncated, empty, zero-sized, of an
-    unsupported pixel format, or has more than ``max_pixels`` pixels.
+    file), or an ndarray: uint8 [H, W, 3] (RGB, or BGR with ``color_order="bgr"``, e.g. a frame from OpenCV) or
+    uint8 [H, W] gray (replicated). ``color_order`` applies to arrays only: files, bytes and PIL images carry
+    their own colour model. Raises ``ImageError`` naming the input when it cannot be read, is truncated, empty,
+    zero-sized, of an unsupported pixel format, or has more than ``max_pixels`` pixels; ``RequestError`` for a
+    ``color_order`` other than "rgb" / "bgr".
     """
+    order = check_color_order(color_order)
     name = describe(src)
     if isinstance(src, np.ndarray):
-        return _from_array(src, name, max_pixels)
+        rgb = _from_array(src, name, max_pixels)
+        return np.ascontiguousarray(rgb[:, :, ::-1]) if order == "bgr" else rgb
     from PIL import Image
 
     if isinstance(src, Image.Image):

@@ -23,7 +23,7 @@ FORMAT_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS = (FORMAT_VERSION,)
 REQUIRED_GRAPHS = ("vision", "sam_encoder", "mask_head", "llm")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-LLM_GRAPH_KINDS = ("gqa_shared_kv",)
+LLM_GRAPH_KINDS = ("gqa_shared_kv", "standard_kv")
 IMAGE_TOKEN_INDEX = -200  # the placeholder id LLaVA's tokenizer_image_token puts where the image goes
 
 # Normalisation constants of the released models (docs/REFERENCE.md "Preprocessing"): the one definition in the
@@ -152,7 +152,11 @@ class LlmGraph(Graph):
 
     ``kind`` "gqa_shared_kv": ONNX Runtime's GroupQueryAttention writes K/V in place into the one buffer bound as
     both ``past_*`` input and ``present_*`` output; ``seqlens_k`` = filled positions - 1, ``total_sequence_length``
-    = filled positions (both after the call)."""
+    = filled positions (both after the call).
+
+    ``kind`` "standard_kv": standard ONNX operators only (for TensorRT, export/onnx_llm_standard.py); past K/V
+    [B, KVH, P, D] in, present [B, KVH, P + S, D] out, positions P .. P + S - 1 from the past's shape; no
+    ``seqlens_k`` / ``total_sequence_length`` inputs."""
 
     kind: str = "gqa_shared_kv"
     kv_dtype: str = "float32"  # "float32" | "float16"
@@ -175,9 +179,21 @@ class Graphs:
     sam_encoder: Graph  # pixel_values f32 [1,3,1024,1024] -> image_embeddings f32 [1,256,64,64]
     mask_head: Graph  # seg_hidden f32 [N,H], image_embeddings -> low_res_masks f32 [N,256,256]
     llm: LlmGraph
+    # A second LLM graph of kind "standard_kv" (export --llm-graph both): ONNX Runtime drives ``llm``, TensorRT
+    # builds its engine from this one. Absent (null) otherwise.
+    llm_standard: LlmGraph | None = None
 
     def items(self) -> list[tuple[str, Graph]]:
-        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        """(name, graph) of every graph present (``llm_standard`` only when exported)."""
+        return [(f.name, g) for f in dataclasses.fields(self) if (g := getattr(self, f.name)) is not None]
+
+    def tensorrt_llm(self) -> tuple[str, LlmGraph] | None:
+        """(name, graph) of the LLM graph TensorRT can build (kind "standard_kv"), or None."""
+        for name in ("llm_standard", "llm"):
+            g = getattr(self, name)
+            if g is not None and g.kind == "standard_kv":
+                return name, g
+        return None
 
 
 @dataclass(frozen=True)
@@ -247,11 +263,16 @@ class Manifest:
                 )
             if g.file not in self.files:
                 raise bad(f"graphs.{name}.file", f"{g.file!r} is not listed (with a hash) under 'files'")
+        for key, llm in (("llm", self.graphs.llm), ("llm_standard", self.graphs.llm_standard)):
+            if llm is None:
+                continue
+            if llm.kind not in LLM_GRAPH_KINDS:
+                raise bad(f"graphs.{key}.kind", f"{llm.kind!r} is not supported by this runtime")
+            if llm.kv_dtype not in ("float32", "float16"):
+                raise bad(f"graphs.{key}.kv_dtype", f"{llm.kv_dtype!r} must be float32 or float16")
+        if self.graphs.llm_standard is not None and self.graphs.llm_standard.kind != "standard_kv":
+            raise bad("graphs.llm_standard.kind", f"{self.graphs.llm_standard.kind!r}: must be 'standard_kv'")
         llm = self.graphs.llm
-        if llm.kind not in LLM_GRAPH_KINDS:
-            raise bad("graphs.llm.kind", f"{llm.kind!r} is not supported by this runtime")
-        if llm.kv_dtype not in ("float32", "float16"):
-            raise bad("graphs.llm.kv_dtype", f"{llm.kv_dtype!r} must be float32 or float16")
         if llm.precision != self.precision:
             raise bad("graphs.llm.precision", f"{llm.precision!r} differs from precision {self.precision!r}")
         bits = PRECISION_BITS.get(llm.precision)

@@ -281,3 +281,13 @@ def postprocess_masks_cuda(
         )
     except (ValueError, TypeError) as exc:
         raise _convert(exc, image_arg=False) from None
+
+
+def pack_masks_cuda(masks_ptr: int, n: int, per_mask: int, packed_out_ptr: int, stream: int = 0) -> None:
+    """Device bit-packing of ``n`` masks of ``per_mask`` uint8 values at ``masks_ptr`` into uint8
+    [n, ceil(per_mask / 8)] at ``packed_out_ptr`` (LSB first: legion_rt.device_path.pack_masks is the same on the
+    host). Raises RuntimeError when built without CUDA or when a CUDA call fails."""
+    try:
+        _C.pack_masks_cuda(int(masks_ptr), int(n), int(per_mask), int(packed_out_ptr), int(stream))
+    except (ValueError, TypeError) as exc:
+        raise _convert(exc, image_arg=False) from None

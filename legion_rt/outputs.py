@@ -81,3 +81,100 @@ def write_or_fail(path, writer, *args, **kwargs):
         return writer(*args, **kwargs)
     except OSError as e:
         raise LegionError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+class JsonlWriter:
+    """One JSON document per line, appended and flushed as each is written, so a later failure (or Ctrl-C)
+    leaves every line written so far intact. ``path`` "-" writes to stdout. A file whose last line was cut
+    short (a killed run) gets a newline first, so the next line starts on a line of its own."""
+
+    def __init__(self, path: str | os.PathLike, *, append: bool = True):
+        self.path = path
+        if os.fspath(path) == "-":
+            self._f = sys.stdout
+            self._own = False
+            return
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._f = open(p, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
+            if append and p.stat().st_size > 0:
+                with open(p, "rb") as r:
+                    r.seek(-1, os.SEEK_END)
+                    if r.read(1) != b"\n":
+                        self._f.write("\n")
+        except OSError as e:
+            raise LegionError(f"{path}: cannot write ({e.strerror or e})") from None
+        self._own = True
+
+    def write(self, doc: dict[str, Any]) -> None:
+        try:
+            line = json.dumps(doc, ensure_ascii=False, allow_nan=False, default=_json_default)
+        except ValueError:  # a NaN or infinity somewhere: null, so that every line stays valid JSON
+            line = json.dumps(_finite(doc), ensure_ascii=False, allow_nan=False, default=_json_default)
+        try:
+            self._f.write(line + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise LegionError(f"{self.path}: cannot write ({e.strerror or e})") from None
+
+    def close(self) -> None:
+        if self._own and not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float) and (o != o or o in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def read_done(path: str | os.PathLike) -> set[str]:
+    """The ``"image"`` names that already have a result line in a JSON Lines file (``--resume``). Error lines
+    (``{"image", "error"}``) do not count: those pictures are tried again. A missing file is empty; a line that is
+    not JSON (a run killed mid-line) is ignored."""
+    done: set[str] = set()
+    p = Path(path)
+    if not p.is_file():
+        return done
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("image"), str) and "error" not in doc:
+                done.add(doc["image"])
+    return done
+
+
+def check_jsonl_path(opt: str, path) -> None:
+    """A --jsonl path that cannot be a file is a usage error, before any work ("-" is stdout)."""
+    if not path or os.fspath(path) == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{opt} {path}: is a directory; give a file name")
+    parent = next((a for a in p.parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"{opt} {path}: {parent} is not a directory")

@@ -24,7 +24,7 @@ def _torch_or_skip():
 def tiny_paths(tmp_path_factory):
     """A random-weight checkpoint in the exact released layout (export.tiny.make_tiny, seed 0, size tiny)."""
     _torch_or_skip()
-    from export.tiny import make_tiny
+    from legion_rt.export.tiny import make_tiny
 
     out = tmp_path_factory.mktemp("tiny-seed0")
     return make_tiny(out, seed=0, size="tiny")
@@ -33,7 +33,7 @@ def tiny_paths(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory, tiny_paths):
     """The tiny checkpoint exported to an artifact directory (fp32 ONNX graphs + manifest)."""
-    from export.onnx_export import export_artifacts
+    from legion_rt.export.onnx_export import export_artifacts
 
     out = tmp_path_factory.mktemp("tiny-art") / "art"
     export_artifacts(

@@ -61,8 +61,8 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """{"loop23": (engine, reference), "free11": (...)}, made and exported through the command line."""
-    from export.reference import ReferencePipeline
-    from export.tiny import make_tiny
+    from legion_rt.export.reference import ReferencePipeline
+    from legion_rt.export.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("acceptance")
     loop, free = root / "loop23", root / "free11"
@@ -447,9 +447,9 @@ def test_native_preprocess_refuses_too_elongated_pictures():
 def test_small_free_model_on_photos(tmp_path):
     """The 'small' size (hidden 512, 6 layers), free text, seed 23: real photos against the reference.
     Measured (2 cores): export 32 s; tokens and texts identical, min mask IoU 0.99999, |dP| <= 4e-8."""
-    from export.onnx_export import export_artifacts
-    from export.reference import ReferencePipeline
-    from export.tiny import make_tiny
+    from legion_rt.export.onnx_export import export_artifacts
+    from legion_rt.export.reference import ReferencePipeline
+    from legion_rt.export.tiny import make_tiny
 
     paths = make_tiny(tmp_path / "small23", seed=23, size="small", steer="free")
     art = export_artifacts(

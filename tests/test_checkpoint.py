@@ -11,13 +11,13 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip install .[export])")
 
-from export.checkpoint import (  # noqa: E402
+from legion_rt.errors import CheckpointError  # noqa: E402
+from legion_rt.export.checkpoint import (  # noqa: E402
     directory_metadata,
     load_legion,
     read_legion_config,
     read_safetensors_header,
 )
-from legion_rt.errors import CheckpointError  # noqa: E402
 
 SHARD1 = "pytorch_model-00001-of-00002.bin"
 SHARD2 = "pytorch_model-00002-of-00002.bin"
@@ -94,7 +94,7 @@ def test_tiny_round_trip_bf16_and_no_detector(tiny_paths):
 
 @pytest.mark.slow
 def test_small_round_trip(tmp_path):
-    from export.tiny import make_tiny
+    from legion_rt.export.tiny import make_tiny
 
     paths = make_tiny(tmp_path, seed=1, size="small")
     model = load_legion(paths.checkpoint, paths.clip, paths.detector)

@@ -6,9 +6,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip install .[export])")
 
-from export.config import CONFIGS, config_from_sources, sam_encoder_dims  # noqa: E402
-from export.model.sam import build_grounding_encoder  # noqa: E402
 from legion_rt.errors import CheckpointError  # noqa: E402
+from legion_rt.export.config import CONFIGS, config_from_sources, sam_encoder_dims  # noqa: E402
+from legion_rt.export.model.sam import build_grounding_encoder  # noqa: E402
 
 # The vision part of openai/clip-vit-large-patch14-336's config.json (a full CLIPModel config), as published.
 REAL_CLIP_CONFIG = {

@@ -153,3 +153,21 @@ def test_declared_packages_are_imported():
             ):  # an extra that includes another extra of this package
                 continue
             assert dist in used, f"extra {extra!r} declares {dist}, which nothing in the repository imports"
+
+
+def test_the_export_stage_has_one_import_name():
+    """`legion_rt.export` everywhere (wheel and checkout alike); nothing imports the folder as top-level `export`."""
+    offenders = []
+    for path in _py("legion_rt") + _py("export") + _py("tests") + _py("benchmarks"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            if any(n == "export" or n.startswith("export.") for n in names):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, offenders
+    import legion_rt.export.config as cfg
+
+    assert Path(cfg.__file__).resolve() == REPO / "export" / "config.py"

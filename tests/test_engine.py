@@ -70,7 +70,7 @@ def engine(tiny_artifacts):
 def reference(tiny_paths):
     import torch
 
-    from export.reference import ReferencePipeline
+    from legion_rt.export.reference import ReferencePipeline
 
     torch.set_num_threads(1)
     return ReferencePipeline.from_checkpoint(tiny_paths.checkpoint, tiny_paths.clip, tiny_paths.detector)
@@ -81,9 +81,9 @@ def seed1(tmp_path_factory):
     """A second tiny model (seed 1): checkpoint, artifacts, engine, reference."""
     import torch
 
-    from export.onnx_export import export_artifacts
-    from export.reference import ReferencePipeline
-    from export.tiny import make_tiny
+    from legion_rt.export.onnx_export import export_artifacts
+    from legion_rt.export.reference import ReferencePipeline
+    from legion_rt.export.tiny import make_tiny
 
     paths = make_tiny(tmp_path_factory.mktemp("tiny-seed1"), seed=1, size="tiny")
     art = export_artifacts(
@@ -365,7 +365,7 @@ def test_matches_reference_without_kv_cache(engine, reference, tmp_path):
 
 def test_without_detector(tiny_paths, tmp_path_factory, tmp_path):
     """Artifacts exported without a detector: verdict and probability are None, gating is refused."""
-    from export.onnx_export import export_artifacts
+    from legion_rt.export.onnx_export import export_artifacts
 
     art = export_artifacts(
         checkpoint=tiny_paths.checkpoint,

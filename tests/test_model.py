@@ -8,9 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip install .[export])")
 
-from export.checkpoint import load_legion  # noqa: E402
-from export.config import CONFIGS  # noqa: E402
-from export.model import LegionModel  # noqa: E402
+from legion_rt.export.checkpoint import load_legion  # noqa: E402
+from legion_rt.export.config import CONFIGS  # noqa: E402
+from legion_rt.export.model import LegionModel  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,15 @@ import pytest
 torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip install .[export])")
 ort = pytest.importorskip("onnxruntime", reason="the runtime needs onnxruntime")
 
-from export.onnx_export import ExportError, export_artifacts  # noqa: E402
-from export.verify import TOLERANCES  # noqa: E402
 from legion_rt.backends.ort_llm import OrtLLM  # noqa: E402
+from legion_rt.export.onnx_export import ExportError, export_artifacts  # noqa: E402
+from legion_rt.export.verify import TOLERANCES  # noqa: E402
 from legion_rt.manifest import LlmGraph, Manifest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_paths):
-    from export.checkpoint import load_legion
+    from legion_rt.export.checkpoint import load_legion
 
     return load_legion(tiny_paths.checkpoint, tiny_paths.clip, detector=tiny_paths.detector).float().eval()
 
@@ -67,7 +67,7 @@ def test_manifest_fields(manifest, tiny_paths, tiny_model):
     assert tokens["bos"] == 1 and tokens["eos"] == 2 and tokens["seg"] == cfg.seg_token_id
     prefix, suffix = manifest["prompt"]["prefix_ids"], manifest["prompt"]["suffix_ids"]
     assert prefix[0] == 1 and prefix[-1] == tokens["im_start"] and suffix[0] == tokens["im_end"]
-    from export.tokenizer import prompt_ids
+    from legion_rt.export.tokenizer import prompt_ids
 
     assert (prefix, suffix) == tuple(prompt_ids(tiny_paths.checkpoint))
     pre = json.loads((Path(tiny_paths.clip) / "preprocessor_config.json").read_text())
@@ -212,7 +212,7 @@ def _leftovers(parent: Path, name: str) -> list[str]:
 
 
 def test_failed_export_leaves_no_directory(tmp_path, tiny_paths, monkeypatch):
-    import export.graphs as gx
+    import legion_rt.export.graphs as gx
 
     def broken_export(module, args, path, **kwargs):
         path.write_bytes(b"half a graph")  # something was already written into the temporary directory
@@ -231,7 +231,7 @@ def test_out_of_tolerance_aborts_and_keeps_the_old_directory(
 ):
     import shutil
 
-    import export.verify as vx
+    import legion_rt.export.verify as vx
 
     out = tmp_path / "art"
     shutil.copytree(tiny_artifacts, out)
@@ -266,9 +266,9 @@ def test_bad_precision_is_a_typed_error(tmp_path, tiny_paths):
 def test_fp16_export_without_detector_and_with_external_data(tmp_path, tiny_paths, monkeypatch, capsys):
     """fp16 weights (f32 at the boundary), verified on the CPU provider; a 0-byte external-data threshold forces
     the > 2 GB layout (llm.onnx.data etc.), which must be listed and hashed like any file."""
-    import export.graphs as gx
-    import export.memory as mem
-    import export.onnx_llm as ol
+    import legion_rt.export.graphs as gx
+    import legion_rt.export.memory as mem
+    import legion_rt.export.onnx_llm as ol
 
     monkeypatch.setattr(ol, "EXTERNAL_DATA_THRESHOLD", 0)
     monkeypatch.setattr(gx, "EXTERNAL_DATA_THRESHOLD", 0)
@@ -338,8 +338,8 @@ def test_verification_passes_correct_graphs_and_fails_a_corrupted_weight(
 ):
     """Both rules: the exported graphs pass on fresh inputs (seed 3; 20 seeds x tiny/small measured in
     export/verify.py), and every graph with one weight tensor off by 1e-3 relative fails."""
-    import export.memory as mem
-    import export.verify as vx
+    import legion_rt.export.memory as mem
+    import legion_rt.export.verify as vx
 
     if not fp64:  # as for a 7B LLM: no room for a float64 copy -> the RMS-scaled fallback rule
         monkeypatch.setattr(mem, "available_memory", lambda: 0)
@@ -358,7 +358,7 @@ def test_verification_passes_correct_graphs_and_fails_a_corrupted_weight(
 
 def test_greedy_argmax_mismatch_fails(tiny_model, manifest, tiny_artifacts):
     """Logits within tolerance but a different greedy token (beyond a near-tie) fail the LLM check."""
-    import export.verify as vx
+    import legion_rt.export.verify as vx
 
     case = vx.llm_case(tiny_artifacts / "llm.onnx", _llm_info(manifest), tiny_model.llm, seed=0, steps=2)
     case.ref64 = {k: [a.copy() for a in v] for k, v in case.t32.items()}
@@ -372,7 +372,7 @@ def test_greedy_argmax_mismatch_fails(tiny_model, manifest, tiny_artifacts):
 
 # --------------------------------------------------------------------------------------- memory budget
 def test_memory_estimate_counts_the_loaded_weights(tiny_paths, tiny_model):
-    from export.memory import estimate_export_memory
+    from legion_rt.export.memory import estimate_export_memory
 
     est = estimate_export_memory(tiny_paths.checkpoint, tiny_paths.clip, tiny_paths.detector)
     fp32 = 4 * sum(t.numel() for t in tiny_model.state_dict().values() if t.is_floating_point())
@@ -386,7 +386,7 @@ def test_memory_estimate_counts_the_loaded_weights(tiny_paths, tiny_model):
 
 
 def test_export_refuses_cleanly_when_memory_is_short(tmp_path, tiny_paths):
-    from export.memory import estimate_export_memory
+    from legion_rt.export.memory import estimate_export_memory
 
     out = tmp_path / "art"
     with pytest.raises(ExportError, match=r"needs about .* GB of memory .* only 0\.0 GB are available"):

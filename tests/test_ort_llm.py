@@ -11,9 +11,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip install .[export])")
 transformers = pytest.importorskip("transformers", reason="export-stage tests need transformers")
 
-from export.onnx_llm import build_llm_graph, llm_model_info  # noqa: E402
 from legion_rt.backends.ort_llm import OrtLLM, decode_context_ratio  # noqa: E402
 from legion_rt.errors import RequestError  # noqa: E402
+from legion_rt.export.onnx_llm import build_llm_graph, llm_model_info  # noqa: E402
 
 # Measured on this machine (fp32, CPU, 2 seeds): logits 1.7e-6 / hidden 9.5e-7 max abs error over prefill +
 # 40 steps for the GQA config below (random weights, lm_head x8: logits of magnitude ~5). Tolerance ~5x that.
@@ -184,7 +184,7 @@ def test_threads_with_separate_caches_give_identical_results(tmp_path):
 def test_ms_per_token_context_1024_vs_128_small(tmp_path):
     """Benchmark-style: prints ms/token at context 128 and 1024 for the `small` config (2 threads). The ratio
     is measured, not asserted tightly: the machine is shared; benchmarks/e2e.py reports it properly."""
-    from export.config import CONFIGS
+    from legion_rt.export.config import CONFIGS
 
     small = CONFIGS["small"]
     model = _llama(
@@ -225,7 +225,7 @@ def test_graph_and_manifest_mismatch_is_an_artifact_error(tmp_path):
 
 
 def test_unsupported_llm_configs_raise_export_error(tmp_path):
-    from export.onnx_llm import ExportError
+    from legion_rt.export.onnx_llm import ExportError
 
     model = _llama(7)
     model.config.rope_parameters = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
@@ -358,7 +358,7 @@ def test_device_cache_without_cuda_python_goes_through_the_host_with_a_warning(t
 
 @pytest.mark.parametrize("hidden,heads", [(32, 4), (96, 4)])  # head sizes 8 and 24
 def test_head_size_not_a_multiple_of_16_is_refused(tmp_path, hidden, heads):
-    from export.onnx_llm import ExportError
+    from legion_rt.export.onnx_llm import ExportError
 
     model = _llama(10, hidden=hidden, heads=heads, kv_heads=2)
     with pytest.raises(ExportError, match=f"head size {hidden // heads} is not a multiple of 16"):

@@ -10,7 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip install .[export])")
 
-from export.reference import (  # noqa: E402
+from legion_rt.errors import ImageError, RequestError  # noqa: E402
+from legion_rt.export.reference import (  # noqa: E402
     PreprocessConstants,
     clip_preprocess,
     clip_resize_shape,
@@ -20,7 +21,6 @@ from export.reference import (  # noqa: E402
     sam_preprocess,
     sam_resize_shape,
 )
-from legion_rt.errors import ImageError, RequestError  # noqa: E402
 
 # Odd sizes: 1- and 3-pixel-tall pictures (transformers' channels-first guess), 4-tall (5.x also guesses there),
 # off-by-one squares, very wide/tall, exact 336 and exact 1024.
@@ -204,7 +204,12 @@ def test_reference_postprocess_transcribes_infer_py():
 @pytest.fixture(scope="module")
 def text_tools(tiny_paths, tmp_path_factory):
     """(slow tokenizer, runtime Detokenizer over the exported tokenizer.json, prompt ids, [SEG] id, </s> id)."""
-    from export.tokenizer import SlowLlamaTokenizer, prompt_ids, special_token_ids, write_tokenizer_json
+    from legion_rt.export.tokenizer import (
+        SlowLlamaTokenizer,
+        prompt_ids,
+        special_token_ids,
+        write_tokenizer_json,
+    )
     from legion_rt.text import Detokenizer
 
     ckpt = tiny_paths.checkpoint
@@ -221,7 +226,7 @@ def test_reference_pair_phrases_rule_and_runtime_agree(text_tools):
     tokenizer.json) on random ones."""
     import random
 
-    from export.reference import reference_pair_phrases
+    from legion_rt.export.reference import reference_pair_phrases
     from legion_rt.text import pair_phrases
 
     slow, det, prompt, seg, eos = text_tools
@@ -281,8 +286,8 @@ PIPELINE_SIZES = {0: [(123, 77), (333, 1000)], 1: [(1, 7)], 2: [(3, 500)]}
 @pytest.fixture(scope="module")
 def tiny_pipelines(tiny_paths, tmp_path_factory):
     """{seed: ReferencePipeline} for seeds 0 (the shared session checkpoint), 1 and 2."""
-    from export.reference import ReferencePipeline
-    from export.tiny import make_tiny
+    from legion_rt.export.reference import ReferencePipeline
+    from legion_rt.export.tiny import make_tiny
 
     torch.set_num_threads(1)
     paths = {0: tiny_paths}
@@ -352,7 +357,7 @@ def test_seg_hidden_alignment(tiny_pipelines):
 
 
 def test_detector_and_text_fields(tiny_pipelines, tiny_paths):
-    from export.tokenizer import SlowLlamaTokenizer
+    from legion_rt.export.tokenizer import SlowLlamaTokenizer
 
     pipe = tiny_pipelines[0]
     img = _rand_image(77, 51, seed=9)
@@ -381,8 +386,8 @@ def test_detector_and_text_fields(tiny_pipelines, tiny_paths):
 def test_mask_phrases_agree_with_the_runtime_pairing(tiny_pipelines, text_tools, tmp_path_factory):
     """On the tiny models' own answers (loop: seed 0; free: seed 0, text that depends on the picture) the
     reference's per-mask phrases equal legion_rt.text.pair_phrases (the runtime's implementation)."""
-    from export.reference import ReferencePipeline
-    from export.tiny import make_tiny
+    from legion_rt.export.reference import ReferencePipeline
+    from legion_rt.export.tiny import make_tiny
     from legion_rt.text import pair_phrases
 
     _, det, prompt, seg, _ = text_tools
@@ -441,7 +446,7 @@ def test_stops_at_eos_in_both_modes(tiny_pipelines):
 
 
 def test_mask_upsampling_matches_model_helper():
-    from export.model.sam import postprocess_masks_torch
+    from legion_rt.export.model.sam import postprocess_masks_torch
 
     low = torch.randn(3, 256, 256, generator=torch.Generator().manual_seed(0))
     for resize, orig in [((768, 1024), (480, 640)), ((1024, 341), (1000, 333)), ((10, 1024), (5, 500))]:

@@ -172,8 +172,8 @@ class FakeBackend:
 @pytest.fixture(scope="module")
 def detok(tmp_path_factory):
     pytest.importorskip("sentencepiece", reason="writing tokenizer.json is an export-stage step")
-    from export.tokenizer import prompt_ids, write_tiny_tokenizer, write_tokenizer_json
     from legion_rt.detokenizer import Detokenizer
+    from legion_rt.export.tokenizer import prompt_ids, write_tiny_tokenizer, write_tokenizer_json
 
     d = tmp_path_factory.mktemp("tok")
     write_tiny_tokenizer(d)

@@ -17,8 +17,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip install .[export])")
 
-from export.config import CONFIGS  # noqa: E402
-from export.model.sam import (  # noqa: E402
+from legion_rt.export.config import CONFIGS  # noqa: E402
+from legion_rt.export.model.sam import (  # noqa: E402
     build_grounding_encoder,
     postprocess_masks_torch,
 )

@@ -61,8 +61,9 @@ def test_binding_dtypes_map_to_numpy():
 def _art(tmp_path: Path, precision: str):
     for g in trt_backend.TRT_GRAPHS:
         (tmp_path / f"{g}.onnx").write_bytes(b"onnx")
-    graph = types.SimpleNamespace(precision=precision)
-    graphs = types.SimpleNamespace(vision=graph, sam_encoder=graph, mask_head=graph)
+    graphs = types.SimpleNamespace(
+        **{g: types.SimpleNamespace(precision=precision, file=f"{g}.onnx") for g in trt_backend.TRT_GRAPHS}
+    )
     return types.SimpleNamespace(
         root=tmp_path,
         manifest=types.SimpleNamespace(precision=precision, graphs=graphs),

@@ -29,7 +29,7 @@ def fx() -> dict:
 def art(tmp_path_factory) -> Path:
     """An artifact-like directory: tokenizer.json + the checkpoint's tokenizer files (export needs sentencepiece)."""
     pytest.importorskip("sentencepiece", reason="writing tokenizer.json is an export-stage step")
-    from export.tokenizer import write_tiny_tokenizer, write_tokenizer_json
+    from legion_rt.export.tokenizer import write_tiny_tokenizer, write_tokenizer_json
 
     d = tmp_path_factory.mktemp("tok-art")
     write_tiny_tokenizer(d)
@@ -44,7 +44,7 @@ def det(art) -> Detokenizer:
 
 @pytest.fixture(scope="module")
 def oracle(art):
-    from export.tokenizer import SlowLlamaTokenizer
+    from legion_rt.export.tokenizer import SlowLlamaTokenizer
 
     return SlowLlamaTokenizer.from_dir(art)
 
@@ -52,7 +52,7 @@ def oracle(art):
 @pytest.fixture(scope="module")
 def prompt(art) -> list[int]:
     """Prompt ids as the reference decodes them (image index removed)."""
-    from export.tokenizer import prompt_ids
+    from legion_rt.export.tokenizer import prompt_ids
 
     prefix, suffix = prompt_ids(art)
     return prefix + suffix

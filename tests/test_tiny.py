@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip install .[export])")
 
-from export.checkpoint import load_legion  # noqa: E402
-from export.tiny import make_tiny  # noqa: E402
+from legion_rt.export.checkpoint import load_legion  # noqa: E402
+from legion_rt.export.tiny import make_tiny  # noqa: E402
 
 
 def _load_bin(path):
@@ -111,7 +111,7 @@ def _greedy(model, prefix, suffix, image_seed: int, max_new: int = 100):
 
 def _check_language(paths) -> float:
     """Greedy decoding on 3 random images: specials early, EOS at the planted position; returns the worst margin."""
-    from export.tokenizer import prompt_ids
+    from legion_rt.export.tokenizer import prompt_ids
 
     torch.set_num_threads(2)
     model = load_legion(paths.checkpoint, paths.clip, paths.detector)
@@ -156,7 +156,7 @@ def test_steer_is_checked(tmp_path):
 
 def test_free_language_depends_on_the_image(tmp_path):
     """Different pictures -> different greedy texts, with phrases, masks, a reachable EOS and wide margins."""
-    from export.tokenizer import prompt_ids
+    from legion_rt.export.tokenizer import prompt_ids
 
     torch.set_num_threads(2)
     paths = make_tiny(tmp_path, seed=11, steer="free")

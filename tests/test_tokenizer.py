@@ -11,8 +11,8 @@ import pytest
 
 sentencepiece = pytest.importorskip("sentencepiece", reason="the export stage needs sentencepiece")
 
-from export import tokenizer as T  # noqa: E402
 from legion_rt.errors import CheckpointError  # noqa: E402
+from legion_rt.export import tokenizer as T  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf428_tiny.json"
 

@@ -22,7 +22,7 @@ import sentencepiece as spm
 
 # The prompt strings live in one place: export/tokenizer.py (run from a checkout).
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from export.tokenizer import INSTRUCTION, SYSTEM  # noqa: E402
+from legion_rt.export.tokenizer import INSTRUCTION, SYSTEM  # noqa: E402
 
 VOCAB_SIZE = 1000
 SEED = 20240501

@@ -14,6 +14,10 @@ Usage::
     cache2 = runner.clone_cache(cache, max_len)
 
 One runner may be used from many threads at once as long as each thread uses its own cache.
+
+Kind ``standard_kv`` (export/onnx_llm_standard.py, standard ONNX operators for TensorRT): the cache is the
+``present`` arrays of the last call ([1, KVH, length, D], numpy), fed back as ``past``; the graph concatenates the
+new rows, so each call copies the cache once (the GQA graph does not). ``max_len`` is enforced the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 from ..errors import ArtifactError, BackendError, RequestError
 from ..manifest import LlmGraph, ModelInfo
 
-SUPPORTED_KINDS = ("gqa_shared_kv",)
+SUPPORTED_KINDS = ("gqa_shared_kv", "standard_kv")
 _CUDA_INIT_LOCK = threading.Lock()  # first device cache of any runner: one CudaRuntime + stream each
 
 
@@ -97,7 +101,9 @@ class OrtLLM:
                 ) from None
         self.session = session_or_path
         n = self.names
-        want = {n["inputs_embeds"], n["seqlens_k"], n["total_sequence_length"]}
+        want = {n["inputs_embeds"]}
+        if self.kind == "gqa_shared_kv":
+            want |= {n["seqlens_k"], n["total_sequence_length"]}
         want |= {n[k].format(i=i) for k in ("past_key", "past_value") for i in range(self.num_layers)}
         missing = sorted(want - {i.name for i in self.session.get_inputs()})
         if missing:
@@ -108,7 +114,13 @@ class OrtLLM:
         # KV buffers live where the attention runs: device memory when the CUDA provider runs GroupQueryAttention
         # (its CUDA kernel is fp16/bf16 only, so an fp16 artifact), host memory otherwise (CPU provider, or an fp32
         # graph whose attention ONNX Runtime places on the CPU).
-        on_cuda = provider == "CUDAExecutionProvider" and self.kv_dtype == np.float16
+        # A standard_kv graph's cache is host numpy arrays (ONNX Runtime copies them in; on the GPU that graph is
+        # meant for TensorRT, legion_rt/backends/tensorrt.py).
+        on_cuda = (
+            provider == "CUDAExecutionProvider"
+            and self.kv_dtype == np.float16
+            and self.kind == "gqa_shared_kv"
+        )
         self.device = "cuda" if on_cuda else "cpu"
         self.device_id = 0
         if self.device == "cuda":
@@ -125,6 +137,11 @@ class OrtLLM:
                 "(the model's max_position_embeddings)"
             )
         cache = KVCache(max_len=max_len)
+        if self.kind == "standard_kv":  # grows by the graph's Concat: start with 0 positions
+            empty = (1, self.num_kv_heads, 0, self.head_dim)
+            cache.keys = [np.zeros(empty, self.kv_dtype) for _ in range(self.num_layers)]
+            cache.values = [np.zeros(empty, self.kv_dtype) for _ in range(self.num_layers)]
+            return cache
         shape = (1, self.num_kv_heads, max_len, self.head_dim)
         cuda = self._device_cuda()
         for _ in range(self.num_layers):
@@ -159,7 +176,10 @@ class OrtLLM:
             )
         new = self.new_cache(max_len)
         n = cache.length
-        if self.device == "cpu":
+        if self.kind == "standard_kv":
+            new.keys = [np.array(k[:, :, :n]) for k in cache.keys]  # own copies: the source may grow on
+            new.values = [np.array(v[:, :, :n]) for v in cache.values]
+        elif self.device == "cpu":
             for src, dst in zip(cache.keys + cache.values, new.keys + new.values, strict=False):
                 dst[:, :, :n, :] = src[:, :, :n, :]
         elif (cuda := self._device_cuda()) is not None:
@@ -232,6 +252,8 @@ class OrtLLM:
             raise RequestError(
                 f"KV cache overflow: {cache.length} cached + {S} new positions > capacity {cache.max_len}"
             )
+        if self.kind == "standard_kv":
+            return self._forward_standard(cache, embeds, total)
         cache.seqlens_k[0] = total - 1
         cache.total[...] = total
         n = self.names
@@ -257,6 +279,25 @@ class OrtLLM:
         hidden = np.array(outs[-1].numpy()[0], dtype=np.float32)  # [H]
         cache.length = total
         return logits, hidden
+
+    def _forward_standard(self, cache: KVCache, embeds: np.ndarray, total: int):
+        n, L = self.names, self.num_layers
+        feeds = {n["inputs_embeds"]: embeds}
+        for i in range(L):
+            feeds[n["past_key"].format(i=i)] = cache.keys[i]
+            feeds[n["past_value"].format(i=i)] = cache.values[i]
+        wanted = [n["logits"], n["hidden"]]
+        wanted += [n[k].format(i=i) for i in range(L) for k in ("present_key", "present_value")]
+        try:
+            outs = self.session.run(wanted, feeds)
+        except Exception as err:
+            raise BackendError(
+                f"llm.onnx failed at cache length {cache.length} + {embeds.shape[1]}: {err}"
+            ) from None
+        cache.keys = list(outs[2::2])
+        cache.values = list(outs[3::2])
+        cache.length = total
+        return np.array(outs[0][0], dtype=np.float32), np.array(outs[1][0], dtype=np.float32)
 
 
 def measure_ms_per_token(

@@ -8,18 +8,20 @@ TensorRT. What is tested here: the paths that need neither (``engines_usable`` r
 (tests/test_tensorrt.py): the version handling, the per-context buffers, the dtypes, the shape checks.
 
 Design:
-* ``build_engines(ART, precision)`` parses vision.onnx, sam_encoder.onnx and mask_head.onnx with TensorRT's ONNX
-  parser and writes serialized engines to ``ART/tensorrt/<gpu name>-sm<cc>-trt<version>/`` with an
-  ``engines.json`` (precision, sha256 of every engine, TensorRT version, GPU). Engines are specific to one GPU model
-  and TensorRT version, hence the folder name. Precision: "fp16". "int8", "fp8" and "int4" need calibration data /
+* ``build_engines(ART, precision)`` parses vision.onnx, sam_encoder.onnx, mask_head.onnx and, when the export
+  wrote one (``--llm-graph standard|both``), the standard-operator LLM graph with TensorRT's ONNX parser and writes
+  serialized engines to ``ART/tensorrt/<gpu name>-sm<cc>-trt<version>/`` with an ``engines.json`` record and a
+  ``timing.cache`` (legion_rt/backends/trt_records.py: profiles from the manifest, fp32 layers, what is checked
+  before an engine is loaded). Engines are specific to one GPU model and TensorRT version, hence the folder name. Precision: "fp16". "int8", "fp8" and "int4" need calibration data /
   quantized graphs that the export does not produce yet: they raise ``BackendError``.
 * TensorRT versions: ``network_setup`` is the one place that knows what changed — networks are always explicit
   batch since 10 (``EXPLICIT_BATCH`` deprecated in 10, removed in 11); ``BuilderFlag.FP16`` (weakly typed
   networks) is deprecated in 10.12 and gone in 11, where every network is strongly typed (its precision is the
   ONNX graph's). So: an fp16 artifact (``--precision fp16`` export) builds a strongly typed network on every
   version; an fp32 artifact uses the FP16 builder flag where it exists and is refused on TensorRT 11.
-* The LLM graph uses ONNX Runtime's GroupQueryAttention contrib op, which TensorRT's parser does not know, so the
-  decode loop runs on ONNX Runtime's CUDA provider (KV cache in device memory, see ort_llm.py).
+* The GQA LLM graph uses ONNX Runtime's GroupQueryAttention contrib op, which TensorRT's parser does not know: with
+  only that graph the decode loop runs on ONNX Runtime's CUDA provider (KV cache in device memory, ort_llm.py); with
+  a ``standard_kv`` graph it runs on its TensorRT engine (``TrtLLM``).
 * ``TensorRTBackend`` deserializes the engines and keeps, per calling thread (contexts are not thread-safe), one
   execution context with its stream and its device buffers: allocated on the first call, grown only when a larger
   shape comes, never freed per call (a cudaFree synchronizes the whole device, the LLM's decode included). Inputs
@@ -39,13 +41,13 @@ import numpy as np
 
 from ..errors import BackendError
 from .cuda_rt import CudaRuntime
+from .trt_records import MAX_MASKS  # mask_head profile: N in 1..MAX_MASKS (more [SEG] are run in chunks)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..artifacts import ArtifactDir
 
 TRT_GRAPHS = ("vision", "sam_encoder", "mask_head")
 PRECISIONS = ("fp16", "int8", "fp8", "int4")
-MAX_MASKS = 32  # mask_head optimization profile: N in 1..MAX_MASKS (more [SEG] are run in chunks)
 MIN_TRT = (10, 3)  # JetPack 6.1/6.2 ship TensorRT 10.3
 
 # TensorRT DataType name -> numpy dtype (BF16 / FP8 / INT4 have no numpy type: such bindings are refused).
@@ -141,8 +143,34 @@ def engines_usable(art: ArtifactDir) -> bool:
         return False
 
 
-def _build_one(trt, logger, onnx_path: Path, graph: str, graph_fp16: bool, workspace: int):
-    """Serialized engine (bytes) of one ONNX graph; BackendError with TensorRT's own words on failure."""
+def _mark_fp32_layers(trt, network, extra: tuple[str, ...]) -> int:
+    """Keep the numerically sensitive layers (trt_records.keep_fp32) in fp32 in a weakly typed FP16 build; returns
+    how many. (A strongly typed network takes its precision from the ONNX graph: the fp16 export's casts.)"""
+    from .trt_records import keep_fp32
+
+    floats = {getattr(trt, "float32", None), getattr(trt, "float16", None)} - {None}
+    count = 0
+    for i in range(int(getattr(network, "num_layers", 0))):
+        layer = network.get_layer(i)
+        if not keep_fp32(getattr(layer, "type", ""), getattr(layer, "name", ""), extra):
+            continue
+        outs = [j for j in range(layer.num_outputs) if layer.get_output(j).dtype in floats]
+        if not outs:
+            continue
+        layer.precision = trt.float32
+        for j in outs:
+            layer.set_output_type(j, trt.float32)
+        count += 1
+    return count
+
+
+def _build_one(trt, logger, onnx_path: Path, graph: str, graph_fp16: bool, workspace: int, *, manifest=None,
+               max_context: int | None = None, fp32_layers: tuple[str, ...] = (), timing_cache: Path | None = None):  # fmt: skip
+    """(serialized engine bytes, profile, number of fp32 layers) of one ONNX graph; BackendError with TensorRT's
+    own words on failure. ``timing_cache``: a file read before and written after the build (kernel timings are
+    reused across builds and graphs: minutes saved per rebuild on a Jetson)."""
+    from .trt_records import optimization_profile
+
     flags, builder_flags = network_setup(trt, graph_fp16)
     builder = trt.Builder(logger)
     network = builder.create_network(flags)
@@ -154,22 +182,79 @@ def _build_one(trt, logger, onnx_path: Path, graph: str, graph_fp16: bool, works
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
     for flag in builder_flags:
         config.set_flag(flag)
-    profile = builder.create_optimization_profile()
+    n_fp32 = 0
+    if builder_flags:  # weakly typed FP16 build: pin the sensitive layers to fp32
+        n_fp32 = _mark_fp32_layers(trt, network, fp32_layers)
+        obey = getattr(trt.BuilderFlag, "OBEY_PRECISION_CONSTRAINTS", None)
+        if n_fp32 and obey is not None:
+            config.set_flag(obey)
+    cache = None
+    if timing_cache is not None and hasattr(config, "create_timing_cache"):
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, False)  # ignore_mismatch=False: a cache of another GPU is not used
+    inputs = {}
     for i in range(network.num_inputs):
         t = network.get_input(i)
-        shape = list(t.shape)
-        if shape and shape[0] == -1:  # dynamic leading dim: batch 1 for vision/sam, N masks for mask_head
-            lo, opt, hi = (1, 4, MAX_MASKS) if graph == "mask_head" and t.name == "seg_hidden" else (1, 1, 1)
-            profile.set_shape(t.name, [lo, *shape[1:]], [opt, *shape[1:]], [hi, *shape[1:]])
+        inputs[t.name] = tuple(t.shape)
+    if manifest is not None:
+        shapes = optimization_profile(manifest, graph, inputs, max_context=max_context)
+    else:  # no manifest (older callers): batch 1, N masks for mask_head
+        shapes = {}
+        for name, shape in inputs.items():
+            if shape and shape[0] == -1:
+                lo, opt, hi = (
+                    (1, 4, MAX_MASKS) if graph == "mask_head" and name == "seg_hidden" else (1, 1, 1)
+                )
+                shapes[name] = ([lo, *shape[1:]], [opt, *shape[1:]], [hi, *shape[1:]])
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)  # IHostMemory, None on failure (TensorRT >= 8)
     if blob is None:
         raise BackendError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
-    return bytes(memoryview(blob))
+    if cache is not None:
+        _write_atomic(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    return bytes(memoryview(blob)), shapes, n_fp32
 
 
-def build_engines(art: ArtifactDir, precision: str = "fp16", *, workspace_gb: float = 8.0, log=print) -> Path:
-    """Build TensorRT engines for vision, sam_encoder and mask_head on the current GPU. Returns their folder."""
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def engine_graphs(manifest) -> list[tuple[str, object]]:
+    """(engine name, manifest graph) of every graph TensorRT builds: vision, sam_encoder, mask_head, and the LLM
+    when the artifact directory has a standard_kv graph (``export --llm-graph standard|both``)."""
+    graphs = manifest.graphs
+    out = [(g, getattr(graphs, g)) for g in TRT_GRAPHS]
+    pick = getattr(graphs, "tensorrt_llm", None)
+    llm = pick() if pick is not None else None
+    if llm is not None:
+        out.append(("llm", llm[1]))
+    return out
+
+
+def build_engines(
+    art: ArtifactDir,
+    precision: str = "fp16",
+    *,
+    workspace_gb: float = 8.0,
+    log=print,
+    max_context: int | None = None,
+    fp32_layers: tuple[str, ...] = (),
+    timing_cache: bool = True,
+) -> Path:
+    """Build TensorRT engines on the current GPU for vision, sam_encoder, mask_head and (when exported) the
+    standard-operator LLM graph. Returns their folder, with ``engines.json`` (trt_records: hashes of every engine
+    and of its source graph, GPU, TensorRT version, machine, profiles) and ``timing.cache``.
+
+    ``workspace_gb``: TensorRT's workspace pool (an Orin Nano 8 GB shares that memory with everything: 1-2);
+    ``max_context``: positions the LLM engine's KV profile covers (default the model's maximum);
+    ``fp32_layers``: name patterns kept fp32 besides trt_records.FP32_LAYER_TYPES / FP32_LAYER_NAMES."""
+    from . import trt_records
+
     trt, _cuda = _import_trt()
     if precision not in PRECISIONS:
         raise BackendError(f"precision {precision!r}: must be one of {', '.join(PRECISIONS)}")
@@ -178,25 +263,50 @@ def build_engines(art: ArtifactDir, precision: str = "fp16", *, workspace_gb: fl
             f"precision {precision!r} needs calibration data or a quantized export, which legion_rt does not "
             "produce yet; use --precision fp16"
         )
-    graph_fp16 = all(getattr(art.manifest.graphs, g).precision == "fp16" for g in TRT_GRAPHS)
+    if not workspace_gb > 0:
+        raise BackendError(f"--workspace-gb {workspace_gb}: must be > 0")
+    todo = engine_graphs(art.manifest)
+    if len(todo) == len(TRT_GRAPHS):
+        log(
+            "no standard-operator LLM graph in this artifact directory (export with --llm-graph standard or both): "
+            "the LLM stays on ONNX Runtime's CUDA provider"
+        )
+    else:
+        trt_records.llm_max_context(art.manifest, max_context)  # refuse a bad --max-context before building
+    graph_fp16 = all(g.precision == "fp16" for _, g in todo)
     network_setup(trt, graph_fp16)  # refuse (TensorRT 11 + fp32 graphs) before creating anything
     out = engine_dir(art)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "engines.json").unlink(missing_ok=True)  # a half-built folder is never loadable
     logger = trt.Logger(trt.Logger.WARNING)
-    record = {"precision": precision, "tensorrt": trt.__version__, "gpu": out.name, "engines": {}}
-    for graph in TRT_GRAPHS:
-        log(f"building TensorRT engine for {graph} ({precision})...")
-        data = _build_one(trt, logger, art.graph_path(graph), graph, graph_fp16, workspace_gb * 1024**3)
-        path = out / f"{graph}.engine"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        record["engines"][graph] = {
-            "file": path.name,
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data),
-        }
-    (out / "engines.json").write_text(json.dumps(record, indent=2))
+    record = trt_records.new_record(
+        precision=precision,
+        trt_version=trt.__version__,
+        gpu=out.name,
+        workspace_gb=workspace_gb,
+        options={"max_context": max_context, "fp32_layers": list(fp32_layers), "timing_cache": timing_cache},
+    )
+    files = getattr(art.manifest, "files", {})
+    for name, graph in todo:
+        log(f"building TensorRT engine for {name} ({precision}) from {graph.file}...")
+        data, shapes, n_fp32 = _build_one(
+            trt,
+            logger,
+            art.path(graph.file) if hasattr(art, "path") else art.graph_path(name),
+            name,
+            graph_fp16,
+            workspace_gb * 1024**3,
+            manifest=art.manifest if hasattr(art.manifest, "prompt_length") else None,
+            max_context=max_context,
+            fp32_layers=tuple(fp32_layers),
+            timing_cache=(out / "timing.cache") if timing_cache else None,
+        )
+        path = out / f"{name}.engine"
+        _write_atomic(path, data)
+        entry = files.get(graph.file)
+        trt_records.add_engine(record, name, path.name, data, source=graph.file,
+                               source_sha256=getattr(entry, "sha256", ""), profile=shapes, fp32_layers=n_fp32)  # fmt: skip
+    _write_atomic(out / "engines.json", json.dumps(record, indent=2).encode())
     return out
 
 
@@ -215,7 +325,8 @@ class _TrtGraph:
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != expected_sha256:
             raise BackendError(
-                f"{path}: sha256 mismatch with engines.json (rebuild with legion-rt build-engines)"
+                f"{path}: sha256 mismatch with engines.json (not the engine built here); rebuild with "
+                f"`legion-rt build-engines {path.parent.parent.parent}`"
             )
         self.trt, self.cuda, self.path = trt, cuda, path
         self.engine = runtime.deserialize_cuda_engine(data)
@@ -301,12 +412,94 @@ class _TrtGraph:
             self.cuda.synchronize(st.stream)
 
 
+class TrtLLM:
+    """The standard_kv LLM engine with the OrtLLM interface (new_cache / clone_cache / forward). The cache is the
+    engine's ``present`` outputs fed back as ``past`` (host numpy arrays: a device-resident cache that stays in
+    TensorRT's buffers between steps is the next step, see README "What has and has not run")."""
+
+    kind = "standard_kv"
+
+    def __init__(self, graph: _TrtGraph, model, info, max_context: int):
+        self.graph, self.info = graph, info
+        self.num_layers, self.num_kv_heads, self.head_dim = (
+            model.num_layers,
+            model.num_kv_heads,
+            model.head_dim,
+        )
+        self.hidden_size, self.vocab_size = model.hidden_size, model.vocab_size
+        self.max_positions = int(max_context)
+        self.kv_dtype = np.dtype(info.kv_dtype)
+        self.device = "cuda"
+
+    def new_cache(self, max_len: int):
+        from ..errors import RequestError
+        from .ort_llm import KVCache
+
+        if not 1 <= int(max_len) <= self.max_positions:
+            raise RequestError(
+                f"KV cache length {max_len} is outside 1..{self.max_positions} (the LLM engine's profile; "
+                "rebuild with a larger --max-context)"
+            )
+        cache = KVCache(max_len=int(max_len))
+        empty = (1, self.num_kv_heads, 0, self.head_dim)
+        cache.keys = [np.zeros(empty, self.kv_dtype) for _ in range(self.num_layers)]
+        cache.values = [np.zeros(empty, self.kv_dtype) for _ in range(self.num_layers)]
+        return cache
+
+    def clone_cache(self, cache, max_len: int):
+        from ..errors import RequestError
+
+        if max_len < cache.length:
+            raise RequestError(
+                f"clone_cache: max_len {max_len} is smaller than the cached length {cache.length}"
+            )
+        new = self.new_cache(max_len)
+        new.keys = [np.array(k[:, :, : cache.length]) for k in cache.keys]
+        new.values = [np.array(v[:, :, : cache.length]) for v in cache.values]
+        new.length = cache.length
+        return new
+
+    def forward(self, cache, embeds: np.ndarray):
+        from ..errors import RequestError
+
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        if (
+            embeds.ndim != 3
+            or embeds.shape[0] != 1
+            or embeds.shape[2] != self.hidden_size
+            or embeds.shape[1] < 1
+        ):
+            raise RequestError(f"LLM embeds shape {embeds.shape}: expected [1, S>=1, {self.hidden_size}]")
+        total = cache.length + embeds.shape[1]
+        if total > cache.max_len:
+            raise RequestError(
+                f"KV cache overflow: {cache.length} cached + {embeds.shape[1]} new positions > capacity {cache.max_len}"
+            )
+        info = self.info
+        feeds = {info.inputs_embeds: embeds}
+        for i in range(self.num_layers):
+            feeds[info.past_key.format(i=i)] = cache.keys[i]
+            feeds[info.past_value.format(i=i)] = cache.values[i]
+        out = self.graph.run(feeds)
+        cache.keys = [out[info.present_key.format(i=i)] for i in range(self.num_layers)]
+        cache.values = [out[info.present_value.format(i=i)] for i in range(self.num_layers)]
+        cache.length = total
+        return (
+            np.array(out[info.logits][0], dtype=np.float32),
+            np.array(out[info.hidden][0], dtype=np.float32),
+        )
+
+
 class TensorRTBackend:
-    """vision / sam_encoder / mask_head on TensorRT engines, the LLM on ONNX Runtime's CUDA provider."""
+    """vision / sam_encoder / mask_head on TensorRT engines; the LLM on its TensorRT engine when one was built
+    (standard_kv graph), else on ONNX Runtime's CUDA provider. Only engines recorded in engines.json by this
+    machine, for this GPU, TensorRT version and these ONNX graphs are loaded (trt_records.check_record)."""
 
     name = "tensorrt"
 
     def __init__(self, art: ArtifactDir, *, threads: int | None = None):
+        from .trt_records import check_record, rebuild_hint
+
         trt, cuda = _import_trt()
         folder = art.root / "tensorrt" / _gpu_tag(trt, cuda)
         meta_path = folder / "engines.json"
@@ -314,20 +507,34 @@ class TensorRTBackend:
             raise BackendError(
                 f"{folder}: no TensorRT engines for this GPU; run `legion-rt build-engines {art.root}`"
             )
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            raise BackendError(f"{meta_path}: not JSON; {rebuild_hint(art.root)}") from None
+        check_record(meta, root=art.root, trt_version=trt.__version__, gpu=folder.name, manifest=art.manifest)
+        missing = [g for g in TRT_GRAPHS if g not in meta["engines"]]
+        if missing:
+            raise BackendError(f"{meta_path}: no engine for {', '.join(missing)}; {rebuild_hint(art.root)}")
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._graphs = {
-            g: _TrtGraph(
-                trt, cuda, runtime, folder / meta["engines"][g]["file"], meta["engines"][g]["sha256"]
-            )
-            for g in TRT_GRAPHS
+            g: _TrtGraph(trt, cuda, runtime, folder / entry["file"], entry["sha256"])
+            for g, entry in meta["engines"].items()
         }
-        from .onnxruntime import OnnxRuntimeBackend
+        if "llm" in self._graphs:
+            from .trt_records import llm_max_context
 
-        # Only the LLM session is used from this one; it must really run on CUDA (strict provider check).
-        self._ort = OnnxRuntimeBackend(art, threads=threads, providers=["cuda"], graphs=("llm",))
-        self.llm = self._ort.llm
-        self.providers = ["TensorRT " + trt.__version__, *self._ort.providers]
+            (_, info) = art.manifest.graphs.tensorrt_llm()
+            context = llm_max_context(art.manifest, meta.get("options", {}).get("max_context"))
+            self.llm = TrtLLM(self._graphs["llm"], art.manifest.model, info, context)
+            self._ort = None
+            self.providers = ["TensorRT " + trt.__version__]
+        else:
+            from .onnxruntime import OnnxRuntimeBackend
+
+            # Only the LLM session is used from this one; it must really run on CUDA (strict provider check).
+            self._ort = OnnxRuntimeBackend(art, threads=threads, providers=["cuda"], graphs=("llm",))
+            self.llm = self._ort.llm
+            self.providers = ["TensorRT " + trt.__version__, *self._ort.providers]
         self._has_cls = "cls_logits" in self._graphs["vision"].names
 
     def vision(self, clip_pixels):
