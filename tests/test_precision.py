@@ -167,6 +167,11 @@ def test_export_refuses_before_reading_weights(monkeypatch, tiny_paths, tmp_path
     assert not (tmp_path / "x").exists()
 
 
+def test_quantized_needs_the_gqa_graph(tiny_paths, tmp_path):
+    with pytest.raises(ExportError, match="GQA llm.onnx only"):
+        _export(tiny_paths, tmp_path / "x", "int4", llm_graph="standard")
+
+
 def test_precision_argument(tiny_paths, tmp_path):
     from legion_rt.cli import build_parser
 
