@@ -91,8 +91,8 @@ def _iou(a, b) -> float:
 
 def accuracy(args) -> dict:
     import legion_rt
-    from export.onnx_export import export_artifacts
-    from export.tiny import make_tiny
+    from legion_rt.export.onnx_export import export_artifacts
+    from legion_rt.export.tiny import make_tiny
 
     pics = pictures()
     rows = []
@@ -181,7 +181,7 @@ def random_llm(size: str, seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from export.config import CONFIGS
+    from legion_rt.export.config import CONFIGS
 
     c = CONFIGS[size]
     cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
@@ -200,8 +200,8 @@ class Decoder:
     def __init__(self, path: Path, llm, info, threads: int, max_steps: int):
         import onnxruntime as ort
 
-        from export.onnx_llm import llm_model_info
         from legion_rt.backends.ort_llm import OrtLLM
+        from legion_rt.export.onnx_llm import llm_model_info
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -229,8 +229,8 @@ def speed(args) -> dict:
     """Interleaved: every round times ``--steps`` steps of each precision in turn; a precision's ms/token is its
     best round (the machine is shared: the minimum is the least disturbed measurement, and interleaving gives
     every precision the same chances)."""
-    from export.onnx_llm import build_llm_graph
-    from export.quantize import QUANT_DEFAULTS, quantize_file
+    from legion_rt.export.onnx_llm import build_llm_graph
+    from legion_rt.export.quantize import QUANT_DEFAULTS, quantize_file
 
     bw = read_bandwidth(args.threads)
     rows = []

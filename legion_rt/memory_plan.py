@@ -229,10 +229,8 @@ def sizes_from_config(cfg: Any, prompt_length: int | None = None) -> Sizes:
 
 
 def _registry(name: str):
-    try:
-        from legion_rt.export.config import CONFIGS  # wheel layout
-    except ImportError:
-        from export.config import CONFIGS  # source checkout
+    from legion_rt.export.config import CONFIGS  # the size registry lives with the export stage
+
     if name not in CONFIGS:
         raise ValueError(f"unknown size {name!r}: one of {', '.join(CONFIGS)}")
     return CONFIGS[name]

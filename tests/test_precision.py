@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="export-stage tests need torch (pip install .[export])")
 ort = pytest.importorskip("onnxruntime", reason="the runtime needs onnxruntime")
 
-from export.onnx_export import export_artifacts  # noqa: E402
-from export.onnx_llm import ExportError  # noqa: E402
 from legion_rt.errors import ArtifactError, RequestError  # noqa: E402
+from legion_rt.export.onnx_export import export_artifacts  # noqa: E402
+from legion_rt.export.onnx_llm import ExportError  # noqa: E402
 from legion_rt.manifest import Manifest, Quantization  # noqa: E402
 from legion_rt.memory_plan import plan_memory  # noqa: E402
 
@@ -111,9 +111,9 @@ def test_verification_catches_a_wrong_quantization(int4_art, tiny_paths, tmp_pat
     import onnx
     from onnx import numpy_helper
 
-    from export.checkpoint import load_legion
-    from export.onnx_llm import build_llm_graph, llm_model_info
-    from export.quantize import verify_quantized
+    from legion_rt.export.checkpoint import load_legion
+    from legion_rt.export.onnx_llm import build_llm_graph, llm_model_info
+    from legion_rt.export.quantize import verify_quantized
 
     model = load_legion(tiny_paths.checkpoint, tiny_paths.clip).float().eval()
     info = build_llm_graph(model.llm, tmp_path / "fp32.onnx")
@@ -135,7 +135,7 @@ def test_verification_catches_a_wrong_quantization(int4_art, tiny_paths, tmp_pat
 def test_refuses_when_onnxruntime_lacks_the_operator(monkeypatch):
     import onnxruntime.quantization.matmul_nbits_quantizer as mq
 
-    from export import quantize
+    from legion_rt.export import quantize
 
     class Broken:
         def __init__(self, *a, **k):
@@ -150,8 +150,8 @@ def test_refuses_when_onnxruntime_lacks_the_operator(monkeypatch):
 
 def test_export_refuses_before_reading_weights(monkeypatch, tiny_paths, tmp_path):
     """The export asks ONNX Runtime first: the refusal comes before the checkpoint is loaded."""
-    import export.checkpoint as ck
-    from export import quantize
+    import legion_rt.export.checkpoint as ck
+    from legion_rt.export import quantize
 
     def unavailable(bits):
         raise ExportError(f"onnxruntime 0.0 cannot quantize or run a {bits}-bit MatMulNBits (test)")
@@ -160,7 +160,7 @@ def test_export_refuses_before_reading_weights(monkeypatch, tiny_paths, tmp_path
         raise AssertionError("the checkpoint was loaded")
 
     monkeypatch.setattr(quantize, "check_matmul_nbits", unavailable)
-    monkeypatch.setattr("export.onnx_export.check_matmul_nbits", unavailable)
+    monkeypatch.setattr("legion_rt.export.onnx_export.check_matmul_nbits", unavailable)
     monkeypatch.setattr(ck, "load_legion", no_load)
     with pytest.raises(ExportError, match="MatMulNBits"):
         _export(tiny_paths, tmp_path / "x", "int8")
@@ -263,7 +263,7 @@ def test_engine_refuses_a_request_over_max_memory(tiny_artifacts):
 def test_small_int4_end_to_end(tmp_path_factory):
     """The small model (6 layers, H=512) in int4: export with verification, plan against its files, analyze."""
     import legion_rt
-    from export.tiny import make_tiny
+    from legion_rt.export.tiny import make_tiny
 
     base = tmp_path_factory.mktemp("small-int4")
     paths = make_tiny(base / "ckpt", seed=0, size="small", steer="free")
@@ -281,7 +281,7 @@ def test_dequantized_reference_is_the_quantizer_math(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.quantize import dequantized_graph, quantize_file
+    from legion_rt.export.quantize import dequantized_graph, quantize_file
 
     rng = np.random.default_rng(1)
     K, N = 80, 24
