@@ -108,7 +108,10 @@ def check_header(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, 
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: cannot decode image (not a picture format Pillow can read)") from None
     except OSError as e:
-        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+        if e.errno is not None:  # the file system said no (permission, I/O error)
+            raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+        # Pillow's own OSErrors ("Truncated File Read", "broken data stream") are bad contents, not bad I/O
+        raise ImageError(f"{path}: cannot decode image ({str(e).splitlines()[0] or 'truncated'})") from None
     except Exception as e:
         raise ImageError(
             f"{path}: cannot decode image ({str(e).splitlines()[0] or type(e).__name__})"

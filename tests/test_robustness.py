@@ -152,7 +152,12 @@ def test_bad_picture_cli(tmp_path, capsys, kind):
     rc, lines, out = _run_main(
         capsys, "analyze", path, "--artifacts", tmp_path / "no-art", "--json", js, "--overlay", ov
     )
-    _assert_one_error(rc, lines, 1, str(path), BAD_PICTURES[kind])
+    if (
+        kind == "directory"
+    ):  # since issue 9 `analyze` takes directories (recursively): an empty one is a usage error
+        _assert_one_error(rc, lines, 2, str(path), "no pictures in this directory")
+    else:
+        _assert_one_error(rc, lines, 1, str(path), BAD_PICTURES[kind])
     assert out == "" and not js.exists() and not ov.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files
 
