@@ -84,18 +84,16 @@ def copy_bandwidth(nbytes: int = 512 * 1024**2, repeat: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def llm_bytes_per_token(manifest: dict, context: int) -> int:
+def llm_bytes_per_token(manifest, context: int) -> int:
     """Bytes a decode step must read: every LLM weight used per token (not the embedding table: one row) plus the
-    K and V cache of ``context`` positions."""
-    m = manifest["model"]
-    H, L, V, inter = m["hidden_size"], m["num_layers"], m["vocab_size"], m["intermediate_size"]
-    kvh, d = m["num_kv_heads"], m["head_dim"]
-    wbytes = 2 if manifest.get("precision") == "fp16" else 4
-    per_layer = (
-        H * (m["num_heads"] * d) + 2 * H * (kvh * d) + (m["num_heads"] * d) * H + 3 * H * inter + 2 * H
-    )
-    weights = (L * per_layer + H + V * H) * wbytes  # + final norm + lm_head
-    kv_bytes = 4 if manifest["graphs"]["llm"].get("kv_dtype", "float32") == "float32" else 2
+    K and V cache of ``context`` positions. ``manifest``: the typed manifest (legion_rt.manifest.Manifest)."""
+    m = manifest.model
+    H, L, V, inter = m.hidden_size, m.num_layers, m.vocab_size, m.intermediate_size
+    kvh, d, nh = m.num_kv_heads, m.head_dim, m.num_heads
+    wbytes = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}[manifest.precision]
+    per_layer = H * (nh * d) + 2 * H * (kvh * d) + (nh * d) * H + 3 * H * inter + 2 * H
+    weights = int((L * per_layer + H + V * H) * wbytes)  # + final norm + lm_head
+    kv_bytes = 4 if manifest.graphs.llm.kv_dtype == "float32" else 2
     kv = 2 * L * kvh * d * context * kv_bytes
     return weights + kv
 
