@@ -193,25 +193,6 @@ CONFIGS: dict[str, LegionConfig] = {
     # The LLM of "small" grown past the CPU's last-level cache (fp32 weights ~610 MB, ~20x a 32 MiB L3), so that
     # its decode is bandwidth-bound as the 7B's is; vision and SAM as "small". For the precision benchmark
     # (benchmarks/precision.py speed), not make-tiny.
-    "medium": LegionConfig(
-        name="medium",
-        vocab_size=1007,
-        hidden_size=1024,
-        num_layers=12,
-        num_heads=16,
-        num_kv_heads=16,
-        intermediate_size=2752,
-        clip_hidden_size=256,
-        clip_num_layers=6,
-        clip_num_heads=4,
-        clip_intermediate_size=1024,
-        sam_embed_dim=128,
-        sam_depth=4,
-        sam_num_heads=4,
-        sam_window_size=14,
-        sam_global_attn_indexes=(1, 3),
-        torch_dtype="bfloat16",
-    ),
     "legion-7b": LegionConfig(
         name="legion-7b",
         vocab_size=32007,
@@ -232,6 +213,18 @@ CONFIGS: dict[str, LegionConfig] = {
         torch_dtype="bfloat16",
     ),
 }
+# The LLM of "small" grown past the CPU's last-level cache (fp32 weights ~610 MB, ~20x a 32 MiB L3), so that its
+# decode is bandwidth-bound as the 7B's is; vision and SAM as "small". For the precision benchmark
+# (benchmarks/precision.py speed), not make-tiny.
+CONFIGS["medium"] = dataclasses.replace(
+    CONFIGS["small"],
+    name="medium",
+    hidden_size=1024,
+    num_layers=12,
+    num_heads=16,
+    num_kv_heads=16,
+    intermediate_size=2752,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,14 +58,8 @@ def check_output_paths(*, json_path=None, overlay_path=None, masks_dir=None) -> 
     """Refuse output paths that cannot be written before any work is done (a missing parent directory is
     created when writing, as before). Raises UsageError naming the option and path."""
     for opt, path in (("--json", json_path), ("--overlay", overlay_path)):
-        if not path:
-            continue
-        p = Path(path)
-        if p.is_dir():
-            raise UsageError(f"{opt} {path}: is a directory; give a file name")
-        parent = next((a for a in p.parents if a.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise UsageError(f"{opt} {path}: {parent} is not a directory")
+        if path:
+            _check_file_path(opt, path)
     if overlay_path and Path(overlay_path).suffix.lower() != ".png":
         raise UsageError(f"--overlay {overlay_path}: the overlay is written as PNG; give a .png file name")
     if masks_dir:
@@ -170,8 +164,12 @@ def read_done(path: str | os.PathLike) -> set[str]:
 
 def check_jsonl_path(opt: str, path) -> None:
     """A --jsonl path that cannot be a file is a usage error, before any work ("-" is stdout)."""
-    if not path or os.fspath(path) == "-":
-        return
+    if path and os.fspath(path) != "-":
+        _check_file_path(opt, path)
+
+
+def _check_file_path(opt: str, path) -> None:
+    """``path`` can become a file: not a directory, and no existing file where a parent directory must be."""
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"{opt} {path}: is a directory; give a file name")
