@@ -205,6 +205,32 @@ def llm_param_bytes(llm, precision: str) -> int:
     return sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n) * per
 
 
+def llm_dims(llm, precision: str, max_positions: int | None = None) -> tuple:
+    """(H, L, NH, KVH, D, V, eps, rope_theta, P) of a LlamaForCausalLM, after the checks every LLM graph kind
+    needs (precision, SiLU, an even head size for rotary); raises ExportError."""
+    cfg = llm.config
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"precision {precision!r}: expected fp32 or fp16")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ExportError(f"LLM hidden_act {cfg.hidden_act!r}: only silu (LLaMA) is supported")
+    H = int(cfg.hidden_size)
+    NH = int(cfg.num_attention_heads)
+    D = int(getattr(cfg, "head_dim", None) or H // NH)
+    if D % 2:
+        raise ExportError(f"head_dim {D} is odd: rotary embeddings need an even head size")
+    return (
+        H,
+        int(cfg.num_hidden_layers),
+        NH,
+        int(getattr(cfg, "num_key_value_heads", None) or NH),
+        D,
+        int(cfg.vocab_size),
+        float(cfg.rms_norm_eps),
+        rope_theta_of(cfg),
+        int(max_positions or cfg.max_position_embeddings),
+    )
+
+
 def build_llm_graph(
     llm, out_path: str | os.PathLike, *, precision: str = "fp32", max_positions: int | None = None
 ):
@@ -216,22 +242,7 @@ def build_llm_graph(
     import onnx
     from onnx import TensorProto, helper
 
-    cfg = llm.config
-    if precision not in ("fp32", "fp16"):
-        raise ExportError(f"precision {precision!r}: expected fp32 or fp16")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ExportError(f"LLM hidden_act {cfg.hidden_act!r}: only silu (LLaMA) is supported")
-    H = int(cfg.hidden_size)
-    L = int(cfg.num_hidden_layers)
-    NH = int(cfg.num_attention_heads)
-    KVH = int(getattr(cfg, "num_key_value_heads", None) or NH)
-    D = int(getattr(cfg, "head_dim", None) or H // NH)
-    V = int(cfg.vocab_size)
-    eps = float(cfg.rms_norm_eps)
-    theta = rope_theta_of(cfg)
-    P = int(max_positions or cfg.max_position_embeddings)
-    if D % 2:
-        raise ExportError(f"head_dim {D} is odd: rotary embeddings need an even head size")
+    H, L, NH, KVH, D, V, eps, theta, P = llm_dims(llm, precision, max_positions)
     check_llm_head_dim(D)
 
     out_path = Path(out_path)

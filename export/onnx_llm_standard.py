@@ -44,8 +44,8 @@ from .onnx_llm import (
     _Builder,
     _np,
     _Weights,
+    llm_dims,
     llm_param_bytes,
-    rope_theta_of,
     rotary_tables,
 )
 
@@ -62,22 +62,7 @@ def build_standard_llm_graph(
     import onnx
     from onnx import TensorProto, helper
 
-    cfg = llm.config
-    if precision not in ("fp32", "fp16"):
-        raise ExportError(f"precision {precision!r}: expected fp32 or fp16")
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise ExportError(f"LLM hidden_act {cfg.hidden_act!r}: only silu (LLaMA) is supported")
-    H = int(cfg.hidden_size)
-    L = int(cfg.num_hidden_layers)
-    NH = int(cfg.num_attention_heads)
-    KVH = int(getattr(cfg, "num_key_value_heads", None) or NH)
-    D = int(getattr(cfg, "head_dim", None) or H // NH)
-    V = int(cfg.vocab_size)
-    eps = float(cfg.rms_norm_eps)
-    theta = rope_theta_of(cfg)
-    P = int(max_positions or cfg.max_position_embeddings)
-    if D % 2:
-        raise ExportError(f"head_dim {D} is odd: rotary embeddings need an even head size")
+    H, L, NH, KVH, D, V, eps, theta, P = llm_dims(llm, precision, max_positions)
     if NH % KVH:
         raise ExportError(f"num_key_value_heads {KVH} does not divide num_attention_heads {NH}")
     rep = NH // KVH

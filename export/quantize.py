@@ -48,21 +48,7 @@ import numpy as np
 from legion_rt.manifest import PRECISION_BITS, LlmGraph, Quantization
 
 from .onnx_llm import EXTERNAL_DATA_THRESHOLD, ExportError
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """max |quantized - dequantized fp32| <= atol + rtol * rms(dequantized fp32), per output."""
-
-    atol: float
-    rtol: float
-
-    def limit(self, ref_rms: float) -> float:
-        return self.atol + self.rtol * ref_rms
-
-    def scaled(self, k: float) -> Tolerance:
-        return Tolerance(self.atol * k, self.rtol * k)
-
+from .verify import Tolerance  # max |got - ref| <= atol + rtol * rms(ref), the export's one tolerance type
 
 QUANTIZED_PRECISIONS = tuple(PRECISION_BITS)  # ("int8", "int4")
 QUANT_DEFAULTS = {
