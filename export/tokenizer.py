@@ -355,8 +355,12 @@ def _added_token_dict(content: str, typed: bool) -> dict:
     return {"__type": "AddedToken", **d} if typed else d
 
 
-def write_tiny_tokenizer(ckpt_dir: str | Path) -> int:
+def write_tiny_tokenizer(ckpt_dir: str | Path, *, pieces: int | None = None) -> int:
     """Write the shipped tiny LLaMA-like tokenizer into ckpt_dir as a GLaMM/LEGION checkpoint holds it.
+
+    ``pieces``: grow the sentencepiece vocabulary to that many pieces (the released LLaMA tokenizer has 32000, so
+    the added tokens sit at 32000..32006 as in LEGION) with filler pieces ``▁fillerNNNNN`` that no text contains:
+    every encoding stays the same, only ids past the tiny vocabulary become decodable pieces.
 
     Files: ``tokenizer.model`` (export/assets/tiny_tokenizer.model, vocab V = 1000), ``added_tokens.json`` (the 7
     tokens at V..V+6), ``special_tokens_map.json`` and ``tokenizer_config.json`` exactly in the form
@@ -368,8 +372,11 @@ def write_tiny_tokenizer(ckpt_dir: str | Path) -> int:
 
     d = Path(ckpt_dir)
     d.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(TINY_TOKENIZER_MODEL, d / "tokenizer.model")
-    vocab = spm.SentencePieceProcessor(model_file=str(TINY_TOKENIZER_MODEL)).get_piece_size()
+    if pieces is None:
+        shutil.copyfile(TINY_TOKENIZER_MODEL, d / "tokenizer.model")
+    else:
+        (d / "tokenizer.model").write_bytes(_grown_tokenizer_model(pieces))
+    vocab = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model")).get_piece_size()
     added = {tok: vocab + k for k, tok in enumerate(ADDED_TOKENS)}
     (d / "added_tokens.json").write_text(json.dumps(added, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     special_map = {
@@ -394,6 +401,23 @@ def write_tiny_tokenizer(ckpt_dir: str | Path) -> int:
     }
     (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return vocab + len(ADDED_TOKENS)
+
+
+def _grown_tokenizer_model(pieces: int) -> bytes:
+    """The tiny tokenizer.model with NORMAL filler pieces appended up to ``pieces`` (scores below every real piece,
+    text no prompt or answer contains: digits keep them out of make-tiny's word picks)."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(TINY_TOKENIZER_MODEL.read_bytes())
+    have = len(proto.pieces)
+    if pieces < have:
+        raise ValueError(f"tokenizer pieces {pieces} < the tiny tokenizer's {have}")
+    low = min(p.score for p in proto.pieces)
+    for k in range(pieces - have):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = f"\u2581filler{k:05d}", low - 1.0 - k, _SP_NORMAL
+    return proto.SerializeToString()
 
 
 # ----------------------------------------------------------------------------------------------------------------

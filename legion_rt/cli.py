@@ -461,7 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("make-tiny", help="write a small random-weight checkpoint (tests, demo)")
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    t.add_argument(
+        "--size",
+        default="tiny",
+        choices=["tiny", "small", "full"],
+        help="full: the released shapes (LLaMA-7B, SAM ViT-H, CLIP ViT-L; ~15 GB bf16 + 1.2 GB CLIP), streamed",
+    )
     t.add_argument(
         "--steer",
         default="loop",

@@ -14,8 +14,11 @@ once the share of generated tokens in the context passes a threshold (at about g
 greedy choice wins by a large logit margin, so fp32 ONNX vs PyTorch cannot flip a token. ``steer="free"``
 plants free.py's language instead: greedy text that depends on the picture.
 
+``size="full"``: the released shapes (LLaMA-7B, SAM ViT-H, CLIP ViT-L), streamed tensor by tensor (full.py).
+
 Modules: configs.py (the JSON documents), weights.py (shards + index, CLIP weights, detector), planting.py
-(what both languages share), loop.py and free.py (the two languages), sam.py (SAM randomisation).
+(what both languages share), loop.py and free.py (the two languages), sam.py (SAM randomisation), full.py
+(the streamed full-size writer).
 """
 
 from __future__ import annotations
@@ -58,10 +61,16 @@ def make_tiny(out_dir, *, seed: int = 0, size: str = "tiny", steer: str = "loop"
     of loop.py); "free" makes a random LLM whose greedy text depends on the picture (``plant_free_language``)."""
     from legion_rt.errors import RequestError
 
-    if size not in ("tiny", "small"):  # "medium" and "legion-7b" are for plans and benchmarks
-        raise RequestError(f"make-tiny size must be 'tiny' or 'small', got {size!r}")
+    if size not in ("tiny", "small", "full"):  # "medium" is for benchmarks; "full" is "legion-7b", streamed
+        raise RequestError(f"make-tiny size must be 'tiny', 'small' or 'full', got {size!r}")
     if steer not in STEERS:
         raise RequestError(f"make-tiny steer must be 'loop' or 'free', got {steer!r}")
+    if size == "full":
+        if steer != "loop":  # free.py calibrates on a forward pass of the whole model (full.py's docstring)
+            raise RequestError("make-tiny --size full plants the loop language only (--steer loop)")
+        from .full import make_full
+
+        return make_full(out_dir, seed=seed)
     out = Path(out_dir)
     ckpt, clip_dir = out / "checkpoint", out / "clip"
     ckpt.mkdir(parents=True, exist_ok=True)

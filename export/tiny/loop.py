@@ -11,6 +11,7 @@ from .planting import SLOT, counter_head, random_layers
 EOS_AT = 72  # greedy decoding emits EOS as (about) this generated token
 CYCLE_WORDS = 6  # word tokens in the planted cycle, besides <p>, </p>, [SEG]
 LOGIT_GAIN = 1024.0  # lm_head value on planted dimensions (bf16-exact)
+LAYER_SCALES = {"qk": 0.3, "vo": 0.15, "up": 0.15, "down": 0.1}  # random_layers scales of the loop model
 
 
 def _bf16(x: float) -> float:
@@ -58,7 +59,7 @@ def plant_loop_language(model, cfg: LegionConfig, prompt_len: int, words: list[i
         emb[tok] = 0.0
         emb[tok, slot] = SLOT
         emb[tok, flag] = 1.0
-    random_layers(llm, gen, planted, qk=0.3, vo=0.15, up=0.15, down=0.1)
+    random_layers(llm, gen, planted, **LAYER_SCALES)
     proj_out = model.mm_projector[2]
     proj_out.weight[planted, :] = 0.0
     proj_out.bias[planted] = 0.0
@@ -98,4 +99,10 @@ def plant_loop_language(model, cfg: LegionConfig, prompt_len: int, words: list[i
         lm[cycle[(slot + 1) % k], slot] = LOGIT_GAIN
     lm[cycle[0], default] = LOGIT_GAIN
     lm[cfg.eos_token_id, counter] = LOGIT_GAIN
-    return {"cycle": cycle, "eos_at": crossing + 1, "eos_relative_margin": rel_margin, "counter_gain": gain}
+    return {
+        "cycle": cycle,
+        "planted": planted,
+        "eos_at": crossing + 1,
+        "eos_relative_margin": rel_margin,
+        "counter_gain": gain,
+    }

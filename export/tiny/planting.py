@@ -36,20 +36,28 @@ def random_layers(
     """Gaussian weights for every decoder layer (scales given for hidden 64; per-dimension magnitudes are kept
     for wider models), with the planted dimensions of the residual stream left untouched (o_proj and down_proj
     write nothing there)."""
-    fan = (64 / llm.config.hidden_size) ** 0.5
     for layer in llm.model.layers:
-        for lin, scale in (
-            (layer.self_attn.q_proj, qk),
-            (layer.self_attn.k_proj, qk),
-            (layer.self_attn.v_proj, vo),
-            (layer.self_attn.o_proj, vo),
-            (layer.mlp.gate_proj, up),
-            (layer.mlp.up_proj, up),
-            (layer.mlp.down_proj, down),
-        ):
-            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * (scale * fan))
-        layer.self_attn.o_proj.weight[planted, :] = 0.0
-        layer.mlp.down_proj.weight[planted, :] = 0.0
+        random_layer(layer, llm.config.hidden_size, gen, planted, qk=qk, vo=vo, up=up, down=down)
+
+
+@torch.no_grad()
+def random_layer(
+    layer, hidden_size: int, gen: torch.Generator, planted, *, qk: float, vo: float, up: float, down: float
+) -> None:
+    """random_layers for one decoder layer (the full-size writer draws its layers one at a time)."""
+    fan = (64 / hidden_size) ** 0.5
+    for lin, scale in (
+        (layer.self_attn.q_proj, qk),
+        (layer.self_attn.k_proj, qk),
+        (layer.self_attn.v_proj, vo),
+        (layer.self_attn.o_proj, vo),
+        (layer.mlp.gate_proj, up),
+        (layer.mlp.up_proj, up),
+        (layer.mlp.down_proj, down),
+    ):
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * (scale * fan))
+    layer.self_attn.o_proj.weight[planted, :] = 0.0
+    layer.mlp.down_proj.weight[planted, :] = 0.0
 
 
 @torch.no_grad()
