@@ -476,6 +476,54 @@ def _detector_sources(detector: Path):
     return infos, detector_keys(infos, detector)
 
 
+def _is_streamed(param: str) -> bool:
+    """LLM parameters left to StreamedLlmWeights by load_legion(stream_llm=True): all but the embedding table."""
+    return param.startswith("llm.") and not param.startswith("llm.model.embed_tokens.")
+
+
+class StreamedLlmWeights:
+    """The LLM's weights read one tensor at a time from the checkpoint files, for a model loaded with
+    ``stream_llm=True`` (its decoder layers, norm and lm_head stay on the meta device).
+
+    ``weights["model.layers.3.mlp.up_proj.weight"]`` (LlamaForCausalLM state-dict names) returns a fresh float32
+    copy; the mapped pages of the source are released at once, so reading all 7B weights in turn never holds
+    more than one tensor. ``get(name)`` returns None for a tensor the checkpoint does not have (biases)."""
+
+    def __init__(self, sources: dict[str, tuple[str, Path]]):
+        self._sources = sources  # llm state-dict name -> (file key, file)
+        self._maps: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def keys(self):
+        return self._sources.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._sources
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self._sources else default
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key, path = self._sources[name]
+        if path.suffix == ".safetensors":
+            with _safe_open(path) as f:
+                return f.get_tensor(key).to(torch.float32)
+        if path not in self._maps:  # the mapped shard (nothing read yet); kept for the next tensors
+            state = _load_bin(path)
+            _check_bin_storage(path, state)
+            self._maps[path] = state
+        src = self._maps[path][key]
+        dst = torch.empty(src.shape, dtype=torch.float32)
+        try:
+            dst.copy_(src)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e})") from None
+        _drop_pages(src)
+        return dst
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
 def load_legion(
     checkpoint_dir,
     clip_dir,
@@ -483,11 +531,16 @@ def load_legion(
     *,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
+    stream_llm: bool = False,
 ):
     """Load a LEGION checkpoint directory + CLIP directory (+ optional detector file) into a LegionModel.
 
     Every tensor is checked (presence, shape) from file metadata before any weight is read; weights are
-    converted to `dtype` file by file. Raises CheckpointError with the key and file at fault."""
+    converted to `dtype` file by file. Raises CheckpointError with the key and file at fault.
+
+    ``stream_llm``: load everything but the LLM's decoder layers, final norm and lm_head (the embedding table is
+    loaded): those stay on the meta device and ``model.llm_weights`` (StreamedLlmWeights) reads them one at a
+    time, as the export of a 7B LLM does (its float32 copy would not fit beside the rest)."""
     from .model.clip import fix_clip_buffers
     from .model.legion import LegionModel
     from .model.llm import fix_llm_buffers
@@ -507,12 +560,18 @@ def load_legion(
     with torch.device("meta"):
         model = LegionModel(cfg, with_detector=detector is not None, attn_implementation=attn_implementation)
     plan = _plan(model, sources)
+    streamed = {}
     for path, keys in plan.per_file.items():
+        if stream_llm:
+            streamed.update({p[4:]: (k, path) for k, p in keys.items() if _is_streamed(p)})
+            keys = {k: p for k, p in keys.items() if not _is_streamed(p)}
         for key, value in iter_file_tensors(path, set(keys), dtype):
             _assign(model, keys[key], value)
     fix_llm_buffers(model.llm)
     fix_clip_buffers(model.clip)
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    model.llm_weights = StreamedLlmWeights(streamed) if stream_llm else None
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                if t.is_meta and not (stream_llm and _is_streamed(n))]  # fmt: skip
     if leftover:  # pragma: no cover - _plan guarantees coverage of persistent tensors
         raise CheckpointError(f"{checkpoint_dir}: tensors never loaded: {leftover[:5]}")
     model.eval()

@@ -21,18 +21,23 @@ LLM_GRAPH_CHOICES = ("gqa", "standard", "both")
 
 
 def build_llm_graphs(
-    llm, out_dir: Path, *, precision: str = "fp32", which: str = "gqa"
+    llm, out_dir: Path, *, precision: str = "fp32", which: str = "gqa", weights=None, quant=None
 ) -> dict[str, LlmGraph]:
-    """The manifest's LLM entries ({"llm": ...} and, for ``both``, "llm_standard") after writing the graphs."""
+    """The manifest's LLM entries ({"llm": ...} and, for ``both``, "llm_standard") after writing the graphs.
+    ``weights`` / ``quant``: see export/onnx_llm.py build_llm_graph (quantized: the GQA graph only)."""
     out_dir = Path(out_dir)
     if which not in LLM_GRAPH_CHOICES:
         raise ExportError(f"llm graph {which!r}: expected one of {', '.join(LLM_GRAPH_CHOICES)}")
     if which == "standard":
-        return {"llm": build_standard_llm_graph(llm, out_dir / "llm.onnx", precision=precision)}
-    graphs = {"llm": build_llm_graph(llm, out_dir / "llm.onnx", precision=precision)}
+        return {
+            "llm": build_standard_llm_graph(llm, out_dir / "llm.onnx", precision=precision, weights=weights)
+        }
+    graphs = {
+        "llm": build_llm_graph(llm, out_dir / "llm.onnx", precision=precision, weights=weights, quant=quant)
+    }
     if which == "both":
         graphs["llm_standard"] = build_standard_llm_graph(
-            llm, out_dir / "llm_standard.onnx", precision=precision
+            llm, out_dir / "llm_standard.onnx", precision=precision, weights=weights
         )
     return graphs
 

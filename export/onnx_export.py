@@ -50,11 +50,12 @@ from legion_rt.manifest import (
 )
 
 from . import graphs as torch_graphs
+from . import truncated
 from .llm_graphs import build_llm_graphs, verify_second_llm_graph
-from .memory import check_export_memory
+from .memory import check_export_memory, choose_streaming
 from .onnx_llm import ExportError, check_checkpoint_head_dim, llm_model_info
 from .progress import Progress
-from .quantize import QUANTIZED_PRECISIONS, check_matmul_nbits, quantize_llm
+from .quantize import QUANTIZED_PRECISIONS, check_matmul_nbits, quantization_record, quantize_llm
 from .verify import verify_graphs
 
 __all__ = ["ExportError", "export_artifacts", "FORMAT_VERSION"]
@@ -77,6 +78,7 @@ def export_artifacts(
     tolerance_scale: float = 1.0,
     memory_limit: int | None = None,
     llm_graph: str = "gqa",
+    stream_llm: bool | None = None,
 ) -> Path:
     """Write the artifact directory ``out`` (docs/FORMAT.md) from a LEGION checkpoint directory, a CLIP
     directory and an optional detector file. Returns ``out`` as a Path.
@@ -87,7 +89,10 @@ def export_artifacts(
     ExportError when a graph fails. ``memory_limit``: bytes the export may use (None: what the machine has
     available); an export estimated to need more is refused before any weight is read. An existing ``out`` is
     replaced only when it is an artifact directory (has a manifest.json). ``llm_graph``: "gqa" | "standard" | "both",
-    which LLM graph(s) to write (export/llm_graphs.py)."""
+    which LLM graph(s) to write (export/llm_graphs.py). ``stream_llm``: build llm.onnx one weight at a time from the
+    checkpoint files instead of from an LLM loaded in float32 (None: when the loaded export would not fit in memory,
+    as for the released 7B); a streamed LLM is verified on its first layers (export/truncated.py) and quantized
+    one weight at a time."""
     checkpoint, clip, out = Path(checkpoint), Path(clip), Path(out)
     detector = Path(detector) if detector is not None else None
     if precision not in PRECISIONS:
@@ -102,10 +107,16 @@ def export_artifacts(
         if llm_graph != "gqa":
             raise ExportError(f"--precision {precision} quantizes the GQA llm.onnx only; use --llm-graph gqa")
         check_matmul_nbits(precision)
-    check_export_memory(checkpoint, clip, detector, precision=precision, verify=verify, limit=memory_limit)
+    stream_llm = choose_streaming(checkpoint, clip, detector, precision=precision, verify=verify,
+                                  limit=memory_limit, stream_llm=stream_llm)  # fmt: skip
+    check_export_memory(checkpoint, clip, detector, precision=precision, verify=verify, limit=memory_limit,
+                        stream_llm=stream_llm)  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    bar = Progress(progress, total=7 + int(verify) + int(precision != "fp32"))
+    quant_step = precision in QUANTIZED_PRECISIONS and (
+        verify or not stream_llm
+    )  # streamed: quantized when built
+    bar = Progress(progress, total=7 + int(verify) + int(precision == "fp16" or quant_step))
     try:
         report = _export_into(
             tmp,
@@ -118,6 +129,7 @@ def export_artifacts(
             tolerance_scale=tolerance_scale,
             bar=bar,
             llm_graph=llm_graph,
+            stream_llm=stream_llm,
         )
         umask = os.umask(0)
         os.umask(umask)
@@ -169,6 +181,7 @@ def _export_into(
     tolerance_scale: float,
     bar: Progress,
     llm_graph: str = "gqa",
+    stream_llm: bool = False,
 ) -> ExportReport:
     import torch
 
@@ -177,7 +190,7 @@ def _export_into(
 
     report = ExportReport()
     with bar.step("load checkpoint"), _Timer(report, "load"), torch.no_grad():
-        model = load_legion(checkpoint, clip, detector=detector)
+        model = load_legion(checkpoint, clip, detector=detector, stream_llm=stream_llm)
     graphs = export_graphs(
         model,
         tmp,
@@ -277,11 +290,22 @@ def export_graphs(
             ["low_res_masks"],
             {"seg_hidden": {0: ("num_masks", 1)}},
         )
-    with bar.step("build llm.onnx"), _Timer(report, "llm"):
-        # int8/int4: the fp32 graph first (verified like any fp32 export), quantized at the end
+    streamed = truncated.is_streamed(model)
+    # int8/int4: the fp32 graph first (verified like any fp32 export), quantized at the end; a streamed LLM is
+    # quantized as it is written (its fp32 graph would not fit), and its first layers are checked instead.
+    quant = quantization_record(precision) if streamed and precision in QUANTIZED_PRECISIONS else None
+    with (
+        bar.step(f"build llm.onnx{' (streamed from the checkpoint)' if streamed else ''}"),
+        _Timer(report, "llm"),
+    ):
         graphs.update(
             build_llm_graphs(
-                llm, out_dir, precision="fp16" if precision == "fp16" else "fp32", which=llm_graph
+                llm,
+                out_dir,
+                precision="fp16" if precision == "fp16" else "fp32",
+                which=llm_graph,
+                weights=model.llm_weights if streamed else None,
+                quant=quant,
             )
         )
         info = graphs["llm"]
@@ -294,9 +318,7 @@ def export_graphs(
         with bar.step("verify graphs in ONNX Runtime"), _Timer(report, "verify"):
             report.checks = verify_graphs(
                 out_dir, model, info, seed, scale=tolerance_scale, fp16=precision == "fp16", bar=bar
-            ) + verify_second_llm_graph(
-                out_dir, graphs, llm, seed, scale=tolerance_scale, fp16=precision == "fp16"
-            )
+            ) + _verify_second(out_dir, graphs, model, seed, tolerance_scale, precision == "fp16")
         for c in report.checks:
             bar.log("  " + c.line())
         bad = [c for c in report.checks if not c.ok]
@@ -310,11 +332,63 @@ def export_graphs(
                 f"{c.name}.onnx: ONNX Runtime differs from the reference by {c.max_abs:.3g} on {c.output} "
                 f"(limit {c.limit:.3g}, rule {c.rule}); export aborted"
             )
-    if precision in QUANTIZED_PRECISIONS:
+    if precision in QUANTIZED_PRECISIONS and streamed:
+        _verify_streamed_quantization(out_dir, model, quant, verify, seed, tolerance_scale, bar, report)
+    elif precision in QUANTIZED_PRECISIONS:
         graphs["llm"] = _quantize_llm_step(
             out_dir, llm, info, precision, verify, seed, tolerance_scale, bar, report
         )
     return Graphs(**graphs)
+
+
+def _verify_second(out_dir, graphs, model, seed, scale, fp16) -> list:
+    """verify_second_llm_graph; for a streamed LLM on its first layers' standard graph (export/truncated.py)."""
+    if not truncated.is_streamed(model) or "llm_standard" not in graphs:
+        return verify_second_llm_graph(out_dir, graphs, model.llm, seed, scale=scale, fp16=fp16)
+    from .onnx_llm_standard import build_standard_llm_graph
+
+    llm = truncated.truncated_llm(model)
+    with truncated.side_dir(out_dir) as side:
+        info = build_standard_llm_graph(
+            llm, side / "llm_standard.onnx", precision=graphs["llm_standard"].precision
+        )
+        checks = verify_second_llm_graph(side, {"llm_standard": info}, llm, seed, scale=scale, fp16=fp16)
+    for c in checks:
+        c.note += "; " + truncated.truncated_note(model)
+    return checks
+
+
+def _verify_streamed_quantization(out_dir, model, quant, verify, seed, scale, bar, report) -> None:
+    """The quantization check of a streamed LLM (llm.onnx was quantized as it was written): the same builder writes
+    the first layers in fp32 and quantized, judged by rule quant_dequant like any quantized llm.onnx."""
+    if not verify:
+        return
+    from .onnx_llm import build_llm_graph
+    from .quantize import verify_quantized
+
+    with bar.step(f"verify the int{quant.bits} quantization"), _Timer(report, "quantize"):
+        llm = truncated.truncated_llm(model)
+        table = model.llm.get_input_embeddings().weight.detach().float().numpy()
+        with truncated.side_dir(out_dir) as side:
+            fp32_info = build_llm_graph(llm, side / "llm.onnx", precision="fp32")
+            q_info = build_llm_graph(llm, side / "llm_q.onnx", quant=quant)
+            check = verify_quantized(side / "llm_q.onnx", side / "llm.onnx", llm_model_info(llm), fp32_info,
+                                     q_info, table, seed=seed, scale=scale)  # fmt: skip
+    check.note += "; " + truncated.truncated_note(model)
+    _record_quant_check(report, bar, check, f"int{quant.bits}")
+
+
+def _record_quant_check(report, bar, check, precision) -> None:
+    for c in report.checks:
+        if c.name == "llm":
+            c.name = "llm_fp32_source"
+    report.checks.append(check)
+    bar.log("  " + check.line())
+    if not check.ok:
+        what = check.argmax if not check.argmax_ok else f"max abs err {check.max_abs:.3g} on {check.output}"
+        raise ExportError(
+            f"llm.onnx ({precision}) fails rule {check.rule} ({what}; limit {check.limit:.3g}); export aborted"
+        )
 
 
 def _quantize_llm_step(out_dir, llm, info, precision, verify, seed, scale, bar, report):
@@ -324,18 +398,7 @@ def _quantize_llm_step(out_dir, llm, info, precision, verify, seed, scale, bar, 
         new, check = quantize_llm(out_dir / "llm.onnx", info, llm_model_info(llm), precision, table=table,
                                   verify=verify, seed=seed, scale=scale)  # fmt: skip
     if check is not None:
-        for c in report.checks:
-            if c.name == "llm":
-                c.name = "llm_fp32_source"
-        report.checks.append(check)
-        bar.log("  " + check.line())
-        if not check.ok:
-            what = (
-                check.argmax if not check.argmax_ok else f"max abs err {check.max_abs:.3g} on {check.output}"
-            )
-            raise ExportError(
-                f"llm.onnx ({precision}) fails rule {check.rule} ({what}; limit {check.limit:.3g}); export aborted"
-            )
+        _record_quant_check(report, bar, check, precision)
     return new
 
 

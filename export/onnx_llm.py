@@ -199,10 +199,13 @@ def _np(t) -> np.ndarray:
     return t.detach().to("cpu").float().numpy()
 
 
-def llm_param_bytes(llm, precision: str) -> int:
+def llm_param_bytes(llm, precision: str, quant=None) -> int:
+    """Bytes of llm.onnx's weights (embed_tokens is not in the graph: it is embed_tokens.npy). ``quant``: a
+    Quantization record (packed bits plus one float32 scale per block), else 2 (fp16) or 4 bytes per weight."""
     per = 2 if precision == "fp16" else 4
-    # embed_tokens is not in the graph (it is embed_tokens.npy)
-    return sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n) * per
+    if quant is not None:
+        per = quant.bits / 8 + 4 / quant.block_size
+    return int(sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n) * per)
 
 
 def llm_dims(llm, precision: str, max_positions: int | None = None) -> tuple:
@@ -232,12 +235,24 @@ def llm_dims(llm, precision: str, max_positions: int | None = None) -> tuple:
 
 
 def build_llm_graph(
-    llm, out_path: str | os.PathLike, *, precision: str = "fp32", max_positions: int | None = None
+    llm,
+    out_path: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    max_positions: int | None = None,
+    weights=None,
+    quant=None,
 ):
     """Write llm.onnx (and llm.onnx.data when the weights pass 2 GB) for ``llm`` (a LlamaForCausalLM).
 
     Returns its ``graphs.llm`` manifest entry (``legion_rt.manifest.LlmGraph``); the model sizes go in the
     ``model`` block (``llm_model_info``). Raises ExportError for models it cannot represent.
+
+    ``weights``: where the tensors come from (``llm.state_dict()`` by default; a StreamedLlmWeights when ``llm``
+    sits on the meta device): every tensor is read, converted and written to the data file one at a time.
+    ``quant``: a Quantization record (precision fp32 only): every linear weight becomes a MatMulNBits as it is
+    written (export/quantize.py quantize_weight; lm_head with ``quant.lm_head_bits``, or float32), so a
+    quantized 7B never exists as a float32 graph.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -248,18 +263,31 @@ def build_llm_graph(
     out_path = Path(out_path)
     np_dtype = np.float16 if precision == "fp16" else np.float32
     onnx_t = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
-    external = llm_param_bytes(llm, precision) > EXTERNAL_DATA_THRESHOLD
+    if quant is not None and precision != "fp32":
+        raise ExportError(f"quantized llm.onnx is built from fp32 weights, not {precision}")
+    external = llm_param_bytes(llm, precision, quant) > EXTERNAL_DATA_THRESHOLD
     data_path = out_path.with_name(out_path.name + ".data") if external else None
     w = _Weights(np_dtype, data_path)
     b = _Builder()
-    sd = {k: v for k, v in llm.state_dict().items()}
+    sd = weights if weights is not None else {k: v for k, v in llm.state_dict().items()}
 
-    def linear_t(prefix: str) -> str:
-        # transformers Linear weight is [out, in]; MatMul wants [in, out].
-        return w.add(prefix + ".weight", _np(sd[prefix + ".weight"]).T)
+    def weight_matmul(x: str, name: str, w_kn: np.ndarray, node: str, bits: int | None) -> str:
+        """x @ w_kn ([in, out]) as a MatMul, or a MatMulNBits of ``bits`` when the graph is quantized."""
+        if not bits:
+            return b.op("MatMul", [x, w.add(name, w_kn)], name=node)
+        from .quantize import quantize_weight
+
+        attrs, arrays = quantize_weight(w_kn, name, bits=bits, block_size=quant.block_size,
+                                        symmetric=quant.symmetric, accuracy_level=quant.accuracy_level)  # fmt: skip
+        inputs = [w.add(n, a, keep_dtype=True) for n, a in arrays]
+        return b.op("MatMulNBits", [x, *inputs], domain="com.microsoft", name=node, **attrs)
+
+    body_bits = quant.bits if quant is not None else None
+    head_bits = (quant.lm_head_bits if quant.lm_head_quantized else None) if quant is not None else None
 
     def matmul(x: str, prefix: str) -> str:
-        y = b.op("MatMul", [x, linear_t(prefix)], name=prefix)
+        # transformers Linear weight is [out, in]; MatMul wants [in, out].
+        y = weight_matmul(x, prefix + ".weight", _np(sd[prefix + ".weight"]).T, prefix, body_bits)
         if sd.get(prefix + ".bias") is not None:
             y = b.op("Add", [y, w.add(prefix + ".bias", _np(sd[prefix + ".bias"]))], name=prefix + ".bias")
         return y
@@ -280,7 +308,8 @@ def build_llm_graph(
             names.total_sequence_length,
         ),
         outputs=(names.logits, names.hidden, names.present_key, names.present_value),
-        precision=precision,
+        precision=precision if quant is None else f"int{quant.bits}",
+        quant=quant,
         exporter="hand-built",
         kind=LLM_GRAPH_KIND,
         kv_dtype="float16" if precision == "fp16" else "float32",
@@ -309,7 +338,7 @@ def build_llm_graph(
         attn = p + ".self_attn"
         # One packed QKV MatMul: GQA takes [B, S, (NH + 2 KVH) * D] as its query input.
         qkv_w = np.concatenate([_np(sd[f"{attn}.{n}_proj.weight"]) for n in "qkv"], axis=0).T
-        qkv = b.op("MatMul", [normed, w.add(f"{attn}.qkv_proj.weight", qkv_w)], name=f"{attn}.qkv_proj")
+        qkv = weight_matmul(normed, f"{attn}.qkv_proj.weight", qkv_w, f"{attn}.qkv_proj", body_bits)
         if sd.get(f"{attn}.q_proj.bias") is not None:
             qkv_b = np.concatenate([_np(sd[f"{attn}.{n}_proj.bias"]) for n in "qkv"])
             qkv = b.op("Add", [qkv, w.add(f"{attn}.qkv_proj.bias", qkv_b)], name=f"{attn}.qkv_bias")
@@ -366,7 +395,9 @@ def build_llm_graph(
         )
     # normed is now model.norm(h) for every position: keep the last one only.
     last = b.op("Gather", [normed, minus_one], axis=1, name="last_position")  # [B, H]
-    logits = b.op("MatMul", [last, linear_t("lm_head")], name="lm_head")  # [B, V]
+    logits = weight_matmul(
+        last, "lm_head.weight", _np(sd["lm_head.weight"]).T, "lm_head", head_bits
+    )  # [B, V]
     if sd.get("lm_head.bias") is not None:
         logits = b.op("Add", [logits, w.add("lm_head.bias", _np(sd["lm_head.bias"]))], name="lm_head.bias")
     to = {"to": TensorProto.FLOAT} if precision == "fp16" else None

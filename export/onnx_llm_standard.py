@@ -54,7 +54,12 @@ STANDARD_OPSET = 17  # TensorRT 10.3 parses opsets 9..20 (its ONNX parser's supp
 
 
 def build_standard_llm_graph(
-    llm, out_path: str | os.PathLike, *, precision: str = "fp32", max_positions: int | None = None
+    llm,
+    out_path: str | os.PathLike,
+    *,
+    precision: str = "fp32",
+    max_positions: int | None = None,
+    weights=None,
 ) -> LlmGraph:
     """Write a ``standard_kv`` llm graph to ``out_path`` (+ ``.data`` when the weights pass 2 GB); returns its
     ``graphs.llm`` manifest entry. Same model, same tensor names for embeds / logits / hidden / past / present
@@ -75,7 +80,9 @@ def build_standard_llm_graph(
     data_path = out_path.with_name(out_path.name + ".data") if external else None
     w = _Weights(np_dtype, data_path)
     b = _Builder()
-    sd = dict(llm.state_dict())
+    sd = (
+        weights if weights is not None else dict(llm.state_dict())
+    )  # StreamedLlmWeights: one tensor at a time
 
     def i64(name: str, values) -> str:
         return w.add(name, np.array(values, dtype=np.int64), keep_dtype=True)

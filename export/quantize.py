@@ -145,6 +145,53 @@ def check_matmul_nbits(bits: int | str) -> None:
     _ = onnx  # the probe is built with onnx helpers
 
 
+def quantization_record(precision: str) -> Quantization:
+    """The manifest's ``graphs.llm.quant`` for ``precision`` with the defaults above."""
+    d = QUANT_DEFAULTS[precision]
+    return Quantization(
+        bits=PRECISION_BITS[precision],
+        block_size=d["block_size"],
+        symmetric=d["symmetric"],
+        lm_head_quantized=bool(d["lm_head_bits"]),
+        lm_head_bits=int(d["lm_head_bits"]) or None,
+        accuracy_level=int(d["accuracy_level"]),
+    )
+
+
+def quantize_weight(w: np.ndarray, name: str, *, bits: int, block_size: int, symmetric: bool,
+                    accuracy_level: int = 0) -> tuple[dict, list[tuple[str, np.ndarray]]]:  # fmt: skip
+    """One MatMul weight ``w`` [K, N] (float32, named ``name``) quantized by ``MatMulNBitsQuantizer`` on a graph of
+    that one MatMul: returns the MatMulNBits attributes and its weight inputs [(initializer name, array)] (packed
+    weights, scales[, zero points]), what the tool writes for the same MatMul inside a whole graph (the tool treats
+    each MatMul on its own). The streamed export (a 7B whose float32 graph would not fit) quantizes this way,
+    one weight at a time."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    _quiet()
+    K, N = w.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", name], ["y"], name="mm")],
+        "one_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+        initializer=[numpy_helper.from_array(np.ascontiguousarray(w, dtype=np.float32), name)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                             accuracy_level=accuracy_level or None)  # fmt: skip
+    q.process()
+    proto = q.model.model
+    (node,) = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    inits = {t.name: t for t in proto.graph.initializer}
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    arrays = [(i, numpy_helper.to_array(inits[i])) for i in node.input[1:] if i]
+    _ = onnx
+    return attrs, arrays
+
+
 def quantize_file(
     src: Path,
     dst: Path,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import memory
+from . import memory, truncated
 from .onnx_llm import ExportError, llm_model_info
 from .progress import Progress
 
@@ -388,12 +388,31 @@ def verify_graphs(out_dir: Path, model, info, seed: int = 0, *, scale: float = 1
                 cases.append(c)
         sam_px = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(seed + 1))
         emb = _np(model.sam_encode(sam_px))  # PyTorch's embedding of the check image: the mask head's input
-        for c in (
-            attempt("mask_head", lambda: mask_head_case(out_dir / "mask_head.onnx", model, emb, seed)),
-            attempt("llm", lambda: llm_case(out_dir / "llm.onnx", info, model.llm, seed)),
-        ):
-            if c is not None:
-                cases.append(c)
+        c = attempt("mask_head", lambda: mask_head_case(out_dir / "mask_head.onnx", model, emb, seed))
+        if c is not None:
+            cases.append(c)
+    if not truncated.is_streamed(model):
+        with torch.no_grad():
+            c = attempt("llm", lambda: llm_case(out_dir / "llm.onnx", info, model.llm, seed))
+        if c is not None:
+            cases.append(c)
+        return _verify_with_llm(cases, model, model.llm, scale, fp16)
+    # A streamed LLM: its first layers, exported by the same builder, stand for it (export/truncated.py).
+    from .onnx_llm import build_llm_graph
+
+    llm = truncated.truncated_llm(model)
+    with truncated.side_dir(out_dir) as side:
+        precision = "fp16" if info.precision == "fp16" else "fp32"
+        t_info = build_llm_graph(llm, side / "llm.onnx", precision=precision)
+        with torch.no_grad():
+            c = attempt("llm", lambda: llm_case(side / "llm.onnx", t_info, llm, seed))
+        if c is not None:
+            c.note += "; " + truncated.truncated_note(model)
+            cases.append(c)
+        return _verify_with_llm(cases, model, llm, scale, fp16)
+
+
+def _verify_with_llm(cases, model, llm, scale, fp16):
     groups = [(_non_llm_modules(model), [c for c in cases if c.name != "llm"]),
-              ([model.llm], [c for c in cases if c.name == "llm"])]  # fmt: skip
+              ([llm], [c for c in cases if c.name == "llm"])]  # fmt: skip
     return verify_cases(cases, groups, scale=scale, fp16=fp16)
