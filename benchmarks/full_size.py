@@ -1,0 +1,288 @@
+"""The released sizes end to end on this machine: make the 7B-shaped random checkpoint, export it (fp16 and int4),
+run the int4 artifacts with Engine on ONNX Runtime CPU; per stage: wall time, peak RSS and disk used. Re-runnable:
+what exists under --work (checkpoint, artifact directories) is reused; --fresh redoes it.
+
+    python benchmarks/full_size.py --work DIR [--precisions fp16,int4] [--tokens 16,64] [--threads 2]
+                                   [--reference] [--fresh] [--json out.json]
+
+Stages (each in its own process, so its peak RSS is its own):
+  make      legion-rt make-tiny --size full   (export/tiny/full.py: streamed, ~16 GB)
+  export    legion-rt export --precision P    (a streamed LLM: export/truncated.py says what is verified)
+  run       Engine(int4 artifacts).request(picture, max_new_tokens=N) for each N: time to first token, ms/token
+            against the bandwidth roof of the int4 weights, SAM ViT-H encoder time, first mask, peak RSS
+  reference (--reference) PyTorch bf16 eager of the whole checkpoint (export/reference.py, KV cache) on the same
+            picture: its greedy tokens against the int4 Engine's, the only check of all 32 layers of llm.onnx
+
+Peak RSS: the stage process's VmHWM plus its children's (``resource.RUSAGE_CHILDREN`` of a fresh wrapper); per
+export step, the largest RSS sampled every 0.5 s between two progress lines. Disk: bytes under the stage's output
+directory at the end of each step (the export writes into a temporary directory beside --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GB = 10**9
+# Disk needed by the stages that are not cached yet (bytes, measured on the first run, rounded up; README table).
+DISK_NEED = {"make": 17 * GB, "fp16": 16 * GB, "int4": 6 * GB, "int8": 9 * GB, "fp32": 31 * GB}
+
+
+def tree_bytes(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def rss_of_tree(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants (from /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            for t in Path(f"/proc/{p}/task").iterdir():
+                kids = (t / "children").read_text().split()
+                todo += [int(k) for k in kids]
+        except (OSError, ValueError):
+            pass
+    return total
+
+
+def monitored(cmd: list[str], *, watch: Path, label: str, env=None) -> dict:
+    """Run ``cmd``; echo its stderr; split it into steps at the export's progress lines ("[k/N] what: ... s");
+    record per step: seconds, peak RSS sampled every 0.5 s, bytes under ``watch`` (and its temporary sibling)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    state = {"peak": 0, "step_peak": 0}
+
+    def sample():
+        while proc.poll() is None:
+            r = rss_of_tree(proc.pid)
+            state["peak"] = max(state["peak"], r)
+            state["step_peak"] = max(state["step_peak"], r)
+            time.sleep(0.5)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    steps, last, lines = [], t0, []
+    for line in proc.stdout:
+        sys.stderr.write(f"  [{label}] {line}")
+        lines.append(line.rstrip())
+        text = line.strip()
+        if text.startswith("[") and "/" in text.split("]")[0] and text.rstrip().endswith(" s"):
+            now = time.perf_counter()
+            disk = sum(tree_bytes(p) for p in watch.parent.glob(f"*{watch.name}*") if p.is_dir())
+            steps.append({"step": text.split("]", 1)[1].rsplit(":", 1)[0].strip(), "seconds": round(now - last, 1),
+                          "peak_rss_gb": round(state["step_peak"] / GB, 2), "disk_gb": round(disk / GB, 2)})  # fmt: skip
+            state["step_peak"] = rss_of_tree(proc.pid)
+            last = now
+    rc = proc.wait()
+    th.join()
+    if rc != 0:
+        tail = "\n".join(lines[-5:])
+        raise SystemExit(f"{label}: '{' '.join(cmd)}' failed with exit code {rc}:\n{tail}")
+    return {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(state["peak"] / GB, 2),
+            "disk_gb": round(tree_bytes(watch) / GB, 2), "steps": steps}  # fmt: skip
+
+
+def check_disk(work: Path, need: int) -> None:
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise SystemExit(
+            f"{work}: the stages left to run need about {need / GB:.0f} GB of disk, {free / GB:.0f} GB free"
+        )
+
+
+def cli() -> list[str]:
+    return [str(Path(sys.executable).with_name("legion-rt"))]
+
+
+# ------------------------------------------------------------------------------------------------------ run stage
+def run_child(args) -> None:
+    """The run stage, in its own process: prints one JSON line."""
+    import resource
+
+    import numpy as np
+
+    from legion_rt.engine import Engine
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from e2e import copy_bandwidth
+
+    art = Path(args.artifacts)
+    t0 = time.perf_counter()
+    engine = Engine(art, threads=args.threads)
+    load_s = time.perf_counter() - t0
+    picture = ROOT / "legion_rt" / "assets" / "demo.jpg"
+    weights = sum(p.stat().st_size for p in art.glob("llm.onnx*"))
+    bw = copy_bandwidth()
+    runs = []
+    for n in args.tokens:
+        t = time.perf_counter()
+        first_token = first_mask = None
+        steps = []
+        req = engine.request(str(picture), max_new_tokens=n, ignore_eos=True)
+        for ev in req:
+            now = time.perf_counter() - t
+            kind = type(ev).__name__
+            if kind == "TokenEvent":
+                steps.append(now)
+                first_token = first_token or now
+            elif kind == "MaskEvent" and first_mask is None:
+                first_mask = now
+            elif kind == "DoneEvent":
+                result = ev.result
+        total = time.perf_counter() - t
+        decode = np.diff(steps)
+        ms = float(np.median(decode) * 1e3) if len(decode) else float("nan")
+        runs.append({
+            "max_new_tokens": n, "tokens": len(result.token_ids), "masks": len(result.artifacts),
+            "ttft_s": round(first_token, 2), "ms_per_token": round(ms, 1), "first_mask_s": round(first_mask or -1, 2),
+            "total_s": round(total, 1), "timings": {k: round(v, 3) for k, v in (result.timings or {}).items()},
+            "roof_ms": round(weights / bw * 1e3, 1), "achieved_gb_s": round(weights / (ms / 1e3) / GB, 1),
+            "text": result.text[:160], "token_ids": list(result.token_ids),
+        })  # fmt: skip
+    print(json.dumps({"load_s": round(load_s, 1), "weights_gb": round(weights / GB, 2),
+                      "copy_gb_s": round(bw / GB, 1), "runs": runs,
+                      "vm_hwm_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2)}))  # fmt: skip
+
+
+def reference_child(args) -> None:
+    """PyTorch bf16 eager, whole checkpoint, KV cache: greedy token ids on the demo picture (one JSON line)."""
+    import resource
+
+    import torch
+
+    from legion_rt.export.reference import ReferencePipeline
+
+    torch.set_num_threads(args.threads)
+    model = Path(args.model)
+    t0 = time.perf_counter()
+    ref = ReferencePipeline.load(model / "checkpoint", model / "clip", detector=model / "detector.bin",
+                                 dtype=torch.bfloat16)  # fmt: skip
+    load_s = time.perf_counter() - t0
+    picture = ROOT / "legion_rt" / "assets" / "demo.jpg"
+    t = time.perf_counter()
+    out = ref.run(str(picture), max_new_tokens=args.tokens[-1], use_kv_cache=True)
+    print(json.dumps({"load_s": round(load_s, 1), "seconds": round(time.perf_counter() - t, 1),
+                      "token_ids": [int(i) for i in out.token_ids],
+                      "vm_hwm_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2)}))  # fmt: skip
+
+
+def child(mode: str, args, **extra) -> dict:
+    cmd = [sys.executable, __file__, f"--{mode}-child", "--threads", str(args.threads),
+           "--tokens", ",".join(map(str, args.tokens))]  # fmt: skip
+    for k, v in extra.items():
+        cmd += [f"--{k}", str(v)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode}: failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--precisions", default="fp16,int4")
+    ap.add_argument("--tokens", default="16,64")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reference", action="store_true")
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--run-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--artifacts", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.tokens = [int(t) for t in args.tokens.split(",")]
+    if args.run_child:
+        return run_child(args)
+    if args.reference_child:
+        return reference_child(args)
+    if args.work is None:
+        ap.error("--work DIR is required (about 40 GB of disk)")
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "model"
+    precisions = [p for p in args.precisions.split(",") if p]
+    if args.fresh:
+        for p in [model, *(work / f"artifacts-{p}" for p in precisions)]:
+            shutil.rmtree(p, ignore_errors=True)
+    todo = ([] if (model / "tiny_info.json").is_file() else ["make"]) + [
+        p for p in precisions if not (work / f"artifacts-{p}" / "manifest.json").is_file()
+    ]
+    check_disk(work, sum(DISK_NEED.get(t, 16 * GB) for t in todo))
+    report = {"machine": {"cpus": os.cpu_count(), "threads": args.threads}, "stages": {}}
+    if "make" in todo:
+        report["stages"]["make"] = monitored([*cli(), "make-tiny", "--size", "full", "--out", str(model)],
+                                             watch=model, label="make")  # fmt: skip
+    for p in precisions:
+        out = work / f"artifacts-{p}"
+        if p in todo:
+            cmd = [*cli(), "export", "--checkpoint", str(model / "checkpoint"), "--clip", str(model / "clip"),
+                   "--detector", str(model / "detector.bin"), "--out", str(out), "--precision", p]  # fmt: skip
+            report["stages"][f"export {p}"] = monitored(cmd, watch=out, label=f"export {p}")
+        manifest = json.loads((out / "manifest.json").read_text())
+        report.setdefault("verification", {})[p] = manifest["verification"]
+    run_on = "int4" if "int4" in precisions else precisions[-1]
+    report["stages"]["run"] = child("run", args, artifacts=work / f"artifacts-{run_on}")
+    if args.reference:
+        report["stages"]["reference"] = ref = child("reference", args, model=model)
+        ours = report["stages"]["run"]["runs"][-1]["token_ids"]
+        same = next((k for k, (a, b) in enumerate(zip(ours, ref["token_ids"], strict=False)) if a != b), None)
+        report["reference_agreement"] = {
+            "identical_prefix": len(ours) if same is None else same,
+            "compared": min(len(ours), len(ref["token_ids"])),
+        }
+    print_table(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def print_table(report: dict) -> None:
+    print("\n| stage | wall s | peak RSS GB | disk GB |\n|---|---|---|---|")
+    for name, st in report["stages"].items():
+        if "steps" in st:
+            print(f"| **{name}** | {st['seconds']} | {st['peak_rss_gb']} | {st['disk_gb']} |")
+            for s in st["steps"]:
+                print(f"| &nbsp; {s['step']} | {s['seconds']} | {s['peak_rss_gb']} | {s['disk_gb']} |")
+    run = report["stages"].get("run")
+    if run:
+        print(f"\nrun (Engine on ONNX Runtime CPU): load {run['load_s']} s, llm.onnx {run['weights_gb']} GB, "
+              f"copy bandwidth {run['copy_gb_s']} GB/s, peak RSS {run['vm_hwm_gb']} GB")  # fmt: skip
+        print("| max_new_tokens | tokens | masks | ttft s | ms/token | roof ms | GB/s | first mask s | "
+              "sam_encoder s | total s |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+        for r in run["runs"]:
+            print(f"| {r['max_new_tokens']} | {r['tokens']} | {r['masks']} | {r['ttft_s']} | {r['ms_per_token']} | "
+                  f"{r['roof_ms']} | {r['achieved_gb_s']} | {r['first_mask_s']} | "
+                  f"{r['timings'].get('sam_encoder', float('nan'))} | {r['total_s']} |")  # fmt: skip
+        print(f"text: {run['runs'][-1]['text']!r}")
+    if "reference_agreement" in report:
+        a = report["reference_agreement"]
+        print(
+            f"greedy tokens vs PyTorch bf16 (whole model): first {a['identical_prefix']} of {a['compared']} identical"
+        )
+
+
+if __name__ == "__main__":
+    main()
