@@ -317,7 +317,9 @@ class RequestDevice:
     running (Future done-callbacks drop them, cancelled or not); the last ``release`` waits for the device work
     on these buffers and gives them back to the pool."""
 
-    def __init__(self, path: DevicePath, stream, clip, sam_pixels, embedding, resized, pixels_ready, sam_ready):
+    def __init__(
+        self, path: DevicePath, stream, clip, sam_pixels, embedding, resized, pixels_ready, sam_ready
+    ):
         self.path, self.stream = path, stream
         self.clip, self.sam_pixels, self.embedding = clip, sam_pixels, embedding
         self.resized = resized
@@ -365,7 +367,8 @@ class DevicePath(DeviceOps):
         m = manifest.model
         self.device_id = int(device_id)
         self.hidden_size = int(m.hidden_size)
-        self.embedding_shape = (1, int(m.sam_embed_dim), *(int(v) for v in m.sam_embedding_hw))  # [1, C, h, w]
+        eh, ew = (int(v) for v in m.sam_embedding_hw)
+        self.embedding_shape = (1, int(m.sam_embed_dim), eh, ew)  # [1, C, h, w]
         self.low_res_hw = tuple(int(v) for v in m.low_res_hw)  # (256, 256)
         self.pool = DeviceBufferPool(cuda, self.device_id)
 
@@ -388,7 +391,9 @@ class DevicePath(DeviceOps):
             self.cuda.synchronize(stream)
 
     # ------------------------------------------------------------------------------------------ the stages
-    def start_request(self, rgb: np.ndarray, *, num_threads=None, pillow_order: str = "auto", **kw) -> RequestDevice:
+    def start_request(
+        self, rgb: np.ndarray, *, num_threads=None, pillow_order: str = "auto", **kw
+    ) -> RequestDevice:
         """uint8 [H, W, 3] -> RequestDevice: CLIP and SAM pixels on the device, ``resized`` = SAM's (h', w')."""
         del num_threads
         rgb = np.ascontiguousarray(rgb)

@@ -209,7 +209,8 @@ class Request:
         """Submit the SAM image encoder to the engine's SAM pool (once)."""
         if self._sam is None:
             rd = self._rd
-            if rd is not None:  # the job's reference to the device buffers, dropped when it is done or cancelled
+            # the job holds a reference to the device buffers, dropped when it is done or cancelled
+            if rd is not None:
                 rd.acquire()
                 self._sam = self.engine._sam_pool.submit(self._sam_job, rd)
                 self._sam.add_done_callback(rd.release)
@@ -498,7 +499,8 @@ class Request:
         self._decoder = None
         self.cache = None  # the KV buffers go with the last reference
         rd, self._rd = self._rd, None
-        if rd is not None:  # the request's own reference; the buffers go back once the device jobs are done too
+        # the request's own reference; the buffers go back once the device jobs are done too
+        if rd is not None:
             rd.release()
         release, self._release = self._release, None
         if release is not None:

@@ -217,7 +217,8 @@ class CudaRuntime:
     # Cross-stream order without a host wait: the producer records an event on its stream, the consumer's stream
     # waits for it (cudaStreamWaitEvent); timing is disabled (cheaper, and never read).
     def event_create(self):
-        flags = getattr(self.rt, "cudaEventDisableTiming", 2)  # cudaEventDisableTiming = 0x02 in the CUDA headers
+        # cudaEventDisableTiming = 0x02 in the CUDA headers (older bindings may not export the name)
+        flags = getattr(self.rt, "cudaEventDisableTiming", 2)
         return self.check(self.rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
 
     def event_record(self, event, stream) -> None:

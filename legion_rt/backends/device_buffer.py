@@ -36,7 +36,9 @@ class DeviceBuffer:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
         if any(d < 0 for d in self.shape):
-            raise BackendError(f"device buffer {self.name or hex(self.ptr)}: negative dimension in {self.shape}")
+            raise BackendError(
+                f"device buffer {self.name or hex(self.ptr)}: negative dimension in {self.shape}"
+            )
 
     @property
     def size(self) -> int:

@@ -307,7 +307,9 @@ class OnnxRuntimeBackend:
         with the LLM session's decode steps (called from the SAM pool thread)."""
         return bool(self.providers) and self.providers[0] in DEVICE_PROVIDERS
 
-    def _bound_run(self, graph: str, inputs: dict, outputs: dict, host_outputs: list[str]) -> list[np.ndarray]:
+    def _bound_run(
+        self, graph: str, inputs: dict, outputs: dict, host_outputs: list[str]
+    ) -> list[np.ndarray]:
         """Run ``graph`` with device buffers bound as ``inputs`` / ``outputs`` ({name: DeviceBuffer}); the outputs
         named in ``host_outputs`` come back as host arrays, the device outputs are never copied."""
         sess = self._sessions[graph]

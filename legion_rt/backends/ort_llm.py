@@ -129,7 +129,8 @@ class OrtLLM:
         # The GQA graph on a GPU provider can leave its ``hidden`` output on the device: the device-resident request
         # (legion_rt/device_path.py) then copies a [SEG]'s hidden state device to device into the mask head's input.
         self.can_keep_hidden_on_device = (
-            provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and self.kind == "gqa_shared_kv"
+            provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+            and self.kind == "gqa_shared_kv"
         )
         self._provider = provider
         self.hidden_on_device = False
@@ -300,8 +301,10 @@ class OrtLLM:
         if self.hidden_on_device:
             from .device_buffer import DeviceBuffer
 
-            hidden = DeviceBuffer.from_ortvalue(outs[-1], (1, self.hidden_size), np.float32,
-                                                self.hidden_device_id, "hidden")  # fmt: skip  [1, H]
+            # [1, H], on the device
+            hidden = DeviceBuffer.from_ortvalue(
+                outs[-1], (1, self.hidden_size), np.float32, self.hidden_device_id, "hidden"
+            )
         else:
             hidden = np.array(outs[-1].numpy()[0], dtype=np.float32)  # [H]
         cache.length = total

@@ -400,7 +400,9 @@ class _TrtGraph:
         del hosts
         return {k: v[0] for k, v in outputs.items()}
 
-    def run_device(self, inputs: dict, outputs: dict, host_outputs: tuple[str, ...], stream) -> dict[str, np.ndarray]:
+    def run_device(
+        self, inputs: dict, outputs: dict, host_outputs: tuple[str, ...], stream
+    ) -> dict[str, np.ndarray]:
         """Enqueue the engine on ``stream`` (the caller's) with device buffers bound by address: ``inputs`` /
         ``outputs`` are {name: DeviceBuffer} in each binding's own dtype (no conversion on the device: a
         mismatch raises BackendError), ``host_outputs`` come back as host arrays (then the stream is synchronized),
@@ -606,12 +608,16 @@ class TensorRTBackend:
 
     def sam_encoder_device(self, pixels, out, stream) -> None:
         """SAM pixels [1, 3, 1024, 1024] -> ``out`` image_embeddings [1, 256, 64, 64], enqueued on ``stream``."""
-        self._graphs["sam_encoder"].run_device({"pixel_values": pixels}, {"image_embeddings": out}, (), stream)
+        self._graphs["sam_encoder"].run_device(
+            {"pixel_values": pixels}, {"image_embeddings": out}, (), stream
+        )
 
     def mask_head_device(self, seg_hidden, embedding, out, stream) -> None:
         """seg_hidden [N, H] (N <= MAX_MASKS), embedding -> ``out`` low_res_masks [N, 256, 256] on ``stream``."""
         if seg_hidden.shape[0] > MAX_MASKS:
-            raise BackendError(f"mask head: {seg_hidden.shape[0]} [SEG] in one call, the engine takes {MAX_MASKS}")
+            raise BackendError(
+                f"mask head: {seg_hidden.shape[0]} [SEG] in one call, the engine takes {MAX_MASKS}"
+            )
         feeds = {"seg_hidden": seg_hidden, "image_embeddings": embedding}
         self._graphs["mask_head"].run_device(feeds, {"low_res_masks": out}, (), stream)
 
