@@ -11,13 +11,18 @@ masks.
   ``postprocess_masks_cuda`` on the device, the masks are bit-packed there (``pack_masks_cuda``) and only the packed
   masks, boxes and areas come back (1/8 of the mask bytes), unpacked on the host by ``unpack_masks``.
 
-What is wired and what is not (README "What has and has not run"): the backends still take and return host arrays,
-so DeviceOps downloads the preprocessed f32 inputs and uploads the low-res masks; binding the device buffers
-directly (ONNX Runtime IOBinding on device OrtValues, TensorRT ``set_tensor_address``), the SAM encoder on its own
-stream and keeping the ``[SEG]`` hidden state on the device need device-pointer entry points in the backends,
-which they do not have yet. ``buffer_plan`` already gives every buffer of the fully device-resident request.
-None of DeviceOps has run on a GPU: its CPU tests drive it with stand-in CUDA kernels (tests/test_device_path.py),
-and the GPU test (marked ``gpu``) is in benchmarks/gpu_check.sh.
+Device-resident requests (``DevicePath``, chosen by ``select_ops`` when the backend takes device buffers,
+``backend.device_io``): the vision and SAM graphs are bound to the buffers ``preprocess_cuda`` wrote (ONNX Runtime
+IOBinding ``bind_input(..., buffer_ptr=...)``, TensorRT ``set_tensor_address``), the SAM embedding stays a device
+buffer bound as the mask head's input, the SAM encoder runs on the SAM thread's own stream and records an event the
+mask thread's stream waits on, a [SEG] hidden state is copied device to device into the mask head's input when the
+LLM runs on a GPU provider (``OrtLLM.keep_hidden_on_device``; a host array from the CPU provider or the TensorRT
+LLM engine is uploaded), and the mask head writes its low-res masks into the buffer ``postprocess_masks_cuda``
+reads. Still host arrays: the vision graph's image embeds (the LLM's input embeddings are host arrays) and
+``DeviceOps.preprocess`` / ``postprocess_masks`` for callers outside a request (classify, watch).
+None of this has run on a GPU: the CPU tests drive it with stand-in CUDA kernels, sessions and engines
+(tests/test_device_path.py, tests/test_device_resident.py); the GPU tests (marked ``gpu``) are in
+benchmarks/gpu_check.sh.
 """
 
 from __future__ import annotations
