@@ -75,8 +75,10 @@ fi
 
 section "GPU-marked tests (kernel parity with the CPU kernels; TensorRT tests skip without TensorRT)"
 # -rs lists every skip with its reason: what needs TensorRT / ONNX Runtime GPU shows up there.
+# tests/test_device_resident.py: the device-resident request stages (DevicePath) on real device memory, and ONNX
+# Runtime IOBinding on device buffers (skips with its reason without onnxruntime-gpu).
 timeout 300 "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests/test_ops_cuda.py tests/test_tensorrt.py \
-  tests/test_device_path.py
+  tests/test_device_path.py tests/test_device_resident.py
 rc=$?
 echo "RESULT gpu tests: exit $rc"
 [ $rc -ne 0 ] && status=1
@@ -99,7 +101,8 @@ try:
     gpu = [p for p in ort.get_available_providers() if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
 except ImportError:
     gpu = []
-print("ONNX Runtime GPU providers:", gpu or "none -> the IOBinding device path and the GQA graph on CUDA were NOT run")
+print("ONNX Runtime GPU providers:", gpu or "none -> IOBinding on device buffers (the device-resident request), the "
+      "[SEG] hidden state left on the device and the GQA graph on CUDA were NOT run")
 EOF
 section "done"
 echo "RESULT overall: $([ $status -eq 0 ] && echo ok || echo FAILED) in $(($(date +%s) - T0)) s"

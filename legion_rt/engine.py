@@ -95,7 +95,9 @@ class Engine:
         # CUDA pre/post-processing when the graphs run on the GPU (legion_rt/device_path.py); else legion_rt.ops
         from .device_path import select_ops
 
-        self._ops, self.kernel_path = select_ops(self._backend, ops)
+        self._ops, self.kernel_path = select_ops(self._backend, ops, self.art.manifest)
+        # device-resident requests (graphs bound to device buffers) when the choice says so; else None
+        self._device = self._ops if self.kernel_path.resident else None
         self.backend_name = self._backend.name
         self.providers = list(self._backend.providers)
 
@@ -284,3 +286,7 @@ class Engine:
         if self.threads:
             kw["num_threads"] = int(self.threads)
         return self._ops.preprocess(rgb, **kw)
+
+    def _preprocess_device(self, rgb: np.ndarray):
+        """Device path: the picture's CLIP and SAM pixels in device buffers (a device_path.RequestDevice)."""
+        return self._device.start_request(rgb, **self._pre_kwargs)

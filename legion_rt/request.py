@@ -144,6 +144,10 @@ class Request:
         self._masks = OrderedMasks()
         self._pending: list[tuple[np.ndarray, Future]] = []  # [SEG] hidden states not yet taken by a mask job
         self._pending_lock = threading.Lock()
+        # The device-resident path (legion_rt/device_path.py DevicePath) when the engine chose it, else None: the
+        # host path below is then exactly the CPU path. ``_rd``: this request's device buffers and events.
+        self._dev = getattr(engine, "_device", None)
+        self._rd = None
         self._phrase = PhraseTracker()
         self._prompt_ids = list(engine.prefix_ids) + list(engine.suffix_ids)  # decoded with the answer
         self._text = engine.detok.stream(self._prompt_ids)
@@ -190,27 +194,47 @@ class Request:
 
     # ----------------------------------------------------------------------------------------------- stages
     def preprocess(self) -> None:
-        """Decoded picture -> CLIP and SAM pixels (native core). Its time includes decoding the picture."""
-        self.clip_px, self.sam_px, resized = self.engine._preprocess(self.rgb)
+        """Decoded picture -> CLIP and SAM pixels (native core). Its time includes decoding the picture.
+        Device path: the pixels stay in the device buffers the vision and SAM graphs are bound to."""
+        if self._dev is not None:
+            self._rd = self.engine._preprocess_device(self.rgb)
+            self.clip_px = self.sam_px = None
+            resized = self._rd.resized
+        else:
+            self.clip_px, self.sam_px, resized = self.engine._preprocess(self.rgb)
         self.resized = (int(resized[0]), int(resized[1]))
         self.timings["preprocess"] = self.clock() - self.t0
 
     def start_sam(self) -> None:
         """Submit the SAM image encoder to the engine's SAM pool (once)."""
         if self._sam is None:
-            self._sam = self.engine._sam_pool.submit(self._sam_job)
+            rd = self._rd
+            # the job holds a reference to the device buffers, dropped when it is done or cancelled
+            if rd is not None:
+                rd.acquire()
+                self._sam = self.engine._sam_pool.submit(self._sam_job, rd)
+                self._sam.add_done_callback(rd.release)
+            else:
+                self._sam = self.engine._sam_pool.submit(self._sam_job)
 
-    def _sam_job(self) -> tuple[np.ndarray, float]:
+    def _sam_job(self, rd=None) -> tuple[np.ndarray, float]:
+        """``rd``: the device buffers, bound at submission (``_cleanup`` may clear ``self._rd`` meanwhile)."""
         if self._cancel.is_set():
             raise _Cancelled()
         s = self.clock()
-        emb = self.engine._backend.sam_encoder(self.sam_px)  # [1, 256, 64, 64]
+        if rd is not None:  # (DeviceBuffer [1, 256, 64, 64], its ready event), on this thread's stream
+            emb = self._dev.sam_encoder(self.engine._backend, rd)
+        else:
+            emb = self.engine._backend.sam_encoder(self.sam_px)  # [1, 256, 64, 64]
         return emb, self.clock() - s
 
     def vision(self) -> bool:
         """CLIP + projector + detector. Returns True when the detect-first gate stops the request here."""
         s = self.clock()
-        self.image_embeds, cls_logits = self.engine._backend.vision(self.clip_px)
+        if self._rd is not None:
+            self.image_embeds, cls_logits = self._dev.vision(self.engine._backend, self._rd)
+        else:
+            self.image_embeds, cls_logits = self.engine._backend.vision(self.clip_px)
         self.timings["vision"] = self.clock() - s
         if cls_logits is None:
             return False
@@ -264,14 +288,22 @@ class Request:
         yield from self.ready_masks(final=False)
 
     def submit_mask(self, hidden: np.ndarray, token_index: int) -> None:
-        """Queue one [SEG]'s hidden state f32 [H] for the mask head; a drain job in the mask pool takes it."""
+        """Queue one [SEG]'s hidden state f32 [H] (a DeviceBuffer [1, H] when the LLM keeps it on the device) for
+        the mask head; a drain job in the mask pool takes it."""
         fut = self._masks.add(token_index)
         with self._pending_lock:
             self._pending.append((hidden, fut))
-        self.engine._mask_pool.submit(self._drain_masks)
+        rd = self._rd
+        if rd is not None:
+            rd.acquire()
+            job = self.engine._mask_pool.submit(self._drain_masks, rd)
+            job.add_done_callback(rd.release)
+        else:
+            self.engine._mask_pool.submit(self._drain_masks)
 
-    def _drain_masks(self) -> None:
-        """Mask job: every [SEG] pending at this moment (several pile up while the SAM embedding is not ready)."""
+    def _drain_masks(self, rd=None) -> None:
+        """Mask job: every [SEG] pending at this moment (several pile up while the SAM embedding is not ready).
+        ``rd``: the device buffers (device path), bound at submission."""
         with self._pending_lock:
             batch, self._pending = self._pending, []
         if not batch:
@@ -285,19 +317,24 @@ class Request:
             # One mask-head call per [SEG] (N = 1), never a timing-dependent batch: ONNX Runtime's result for a row
             # differs in the last bits between N = 1 and N > 1 (measured 1.5e-7), and a mask must not depend on how
             # many [SEG] happened to be waiting. Upsampling is batched (rows independent).
-            rows = []
-            for h, _ in batch:
-                if self._cancel.is_set():  # cancelled while this job waited for the SAM embedding
-                    raise _Cancelled()
-                rows.append(eng._backend.mask_head(h[None].astype(np.float32), embedding))
-            low = np.concatenate(rows)  # [N, 256, 256]
-            masks, _union, bboxes, areas = eng._ops.postprocess_masks(
-                np.ascontiguousarray(low, dtype=np.float32),
-                self.resized,
-                self.size,
-                with_stats=True,
-                num_threads=eng.threads,
-            )
+            if rd is not None:  # device path: the same N = 1 calls on device buffers, packed masks back
+                masks, _union, bboxes, areas = self._dev.masks(
+                    eng._backend, rd, [h for h, _ in batch], self.resized, self.size, check=self._check_cancel
+                )
+            else:
+                rows = []
+                for h, _ in batch:
+                    if self._cancel.is_set():  # cancelled while this job waited for the SAM embedding
+                        raise _Cancelled()
+                    rows.append(eng._backend.mask_head(h[None].astype(np.float32), embedding))
+                low = np.concatenate(rows)  # [N, 256, 256]
+                masks, _union, bboxes, areas = eng._ops.postprocess_masks(
+                    np.ascontiguousarray(low, dtype=np.float32),
+                    self.resized,
+                    self.size,
+                    with_stats=True,
+                    num_threads=eng.threads,
+                )
             seconds = self.clock() - s
             for i, (_, fut) in enumerate(batch):
                 b = bboxes[i]
@@ -308,6 +345,10 @@ class Request:
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(e)
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():  # cancelled while this job waited for the SAM embedding
+            raise _Cancelled()
 
     def ready_masks(self, final: bool) -> Iterator[MaskEvent]:
         """MaskEvents for the masks ready now, in [SEG] order (``final``: wait for all of them)."""
@@ -457,6 +498,10 @@ class Request:
         self._masks.cancel()
         self._decoder = None
         self.cache = None  # the KV buffers go with the last reference
+        rd, self._rd = self._rd, None
+        # the request's own reference; the buffers go back once the device jobs are done too
+        if rd is not None:
+            rd.release()
         release, self._release = self._release, None
         if release is not None:
             release()

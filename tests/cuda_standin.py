@@ -130,6 +130,8 @@ class FakeCudart:
                 assert self._owned(dst, count), "H2D copy outside a device allocation"
             if kind == self.cudaMemcpyKind.cudaMemcpyDeviceToHost:
                 assert self._owned(src, count), "D2H copy outside a device allocation"
+            if kind == self.cudaMemcpyKind.cudaMemcpyDeviceToDevice:
+                assert self._owned(src, count) and self._owned(dst, count), "D2D copy outside device memory"
             ctypes.memmove(dst, src, count)
         return (err,)
 
@@ -151,6 +153,25 @@ class FakeCudart:
 
     def cudaStreamSynchronize(self, stream):
         return (self._call("cudaStreamSynchronize", stream),)
+
+    # --- events (the stand-in runs every call at once, so an event only records where it was recorded)
+    cudaEventDisableTiming = 2
+
+    def cudaEventCreateWithFlags(self, flags):
+        self._events = getattr(self, "_events", 0) + 1
+        return self._call("cudaEventCreateWithFlags", flags), 5000 + self._events
+
+    def cudaEventRecord(self, event, stream):
+        return (self._call("cudaEventRecord", event, stream),)
+
+    def cudaStreamWaitEvent(self, stream, event, flags):
+        return (self._call("cudaStreamWaitEvent", stream, event, flags),)
+
+    def cudaEventSynchronize(self, event):
+        return (self._call("cudaEventSynchronize", event),)
+
+    def cudaEventDestroy(self, event):
+        return (self._call("cudaEventDestroy", event),)
 
 
 # ------------------------------------------------------------------------------------------------- tensorrt

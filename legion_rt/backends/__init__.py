@@ -10,6 +10,10 @@ backend.llm                              # OrtLLM-like: new_cache(max_len) / for
 backend.name                             # "onnxruntime" | "tensorrt"
 backend.providers                        # what actually runs, e.g. ["CPUExecutionProvider"]
 ```
+On a GPU the backends also take device buffers (backends/device_buffer.py ``DeviceBuffer``) for the
+device-resident request (legion_rt/device_path.py ``DevicePath``): ``backend.device_io``, ``vision_device(clip,
+stream)``, ``sam_encoder_device(pixels, out, stream)``, ``mask_head_device(seg_hidden, embedding, out, stream)``;
+``runs_on_caller_stream`` says whether they enqueue on ``stream`` (TensorRT) or on their own (ONNX Runtime).
 Every method may be called from several threads at once (ONNX Runtime sessions are thread-safe for ``run``).
 ``create_backend`` picks one by name; asking for something unavailable raises ``BackendError``, never a silent
 fallback. ``"auto"`` picks the best available (TensorRT engines built for this GPU, else ONNX Runtime with CUDA,

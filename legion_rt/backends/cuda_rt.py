@@ -187,6 +187,10 @@ class CudaRuntime:
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self.check(self.rt.cudaMemcpyAsync(dst_host, src, int(nbytes), kind, stream), "cudaMemcpyAsync (D2H)")
 
+    def copy_d2d_async(self, dst: int, src: int, nbytes: int, stream) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        self.check(self.rt.cudaMemcpyAsync(dst, src, int(nbytes), kind, stream), "cudaMemcpyAsync (D2D)")
+
     def copy_prefix_2d(self, dst: int, src: int, geometry: Copy2D | None, stream) -> None:
         """Device-to-device copy of a KV prefix (``prefix_copy_geometry``): one cudaMemcpy2DAsync."""
         if geometry is None:
@@ -204,3 +208,27 @@ class CudaRuntime:
 
     def synchronize(self, stream) -> None:
         self.check(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+
+    def set_device(self, device: int) -> None:
+        """cuda-python calls act on the calling thread's current device; worker threads set it first."""
+        self.check(self.rt.cudaSetDevice(int(device)), f"cudaSetDevice({device})")
+
+    # ------------------------------------------------------------------------------------------------- events
+    # Cross-stream order without a host wait: the producer records an event on its stream, the consumer's stream
+    # waits for it (cudaStreamWaitEvent); timing is disabled (cheaper, and never read).
+    def event_create(self):
+        # cudaEventDisableTiming = 0x02 in the CUDA headers (older bindings may not export the name)
+        flags = getattr(self.rt, "cudaEventDisableTiming", 2)
+        return self.check(self.rt.cudaEventCreateWithFlags(flags), "cudaEventCreateWithFlags")
+
+    def event_record(self, event, stream) -> None:
+        self.check(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
+
+    def stream_wait_event(self, stream, event) -> None:
+        self.check(self.rt.cudaStreamWaitEvent(stream, event, 0), "cudaStreamWaitEvent")
+
+    def event_synchronize(self, event) -> None:
+        self.check(self.rt.cudaEventSynchronize(event), "cudaEventSynchronize")
+
+    def event_destroy(self, event) -> None:
+        self.check(self.rt.cudaEventDestroy(event), "cudaEventDestroy")

@@ -172,6 +172,12 @@ def disabled_optimizers(graph: str, providers: list[str]) -> list[str]:
     return list(CPU_DISABLED_OPTIMIZERS.get(graph, []))
 
 
+# Providers whose sessions read and write CUDA device memory: graphs on them can be bound to device buffers.
+DEVICE_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+# ONNX type strings of the graph inputs the device path binds -> numpy dtype of the buffer it must give.
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
+
+
 def _provider_list(full_names: list[str]) -> list:
     """ORT provider list with options; CPU is appended last so ops a GPU provider lacks still run."""
     out: list = []
@@ -190,6 +196,9 @@ class OnnxRuntimeBackend:
     """Sessions for vision, sam_encoder, mask_head and llm (the latter driven by OrtLLM)."""
 
     name = "onnxruntime"
+    # Each session runs on ONNX Runtime's own CUDA stream and returns when its outputs are written: a caller that
+    # wrote an input buffer on its stream synchronizes that stream first (device_path.DevicePath._ready_for).
+    runs_on_caller_stream = False
 
     def __init__(
         self,
@@ -238,6 +247,11 @@ class OnnxRuntimeBackend:
             self._sam_out = self._sessions["sam_encoder"].get_outputs()[0].name
         if "mask_head" in self._sessions:
             self._mask_out = self._sessions["mask_head"].get_outputs()[0].name
+        self._input_types = {g: {i.name: i.type for i in s.get_inputs()} for g, s in self._sessions.items()}
+        self.device_id = 0
+        if self.providers[0] in DEVICE_PROVIDERS:
+            opts = self._sessions["llm"].get_provider_options().get(self.providers[0], {})
+            self.device_id = int(opts.get("device_id", 0))
 
         from .ort_llm import OrtLLM
 
@@ -284,3 +298,58 @@ class OnnxRuntimeBackend:
             "image_embeddings": np.ascontiguousarray(embedding, dtype=np.float32),
         }
         return self._sessions["mask_head"].run([self._mask_out], feeds)[0]
+
+    # ----------------------------------------------------------------------------- device buffers (IOBinding)
+    @property
+    def device_io(self) -> bool:
+        """Whether the graphs can be bound to CUDA device buffers: the sessions run on the CUDA / TensorRT
+        provider. The SAM encoder is a session of its own, so it runs on its own ONNX Runtime stream, concurrently
+        with the LLM session's decode steps (called from the SAM pool thread)."""
+        return bool(self.providers) and self.providers[0] in DEVICE_PROVIDERS
+
+    def _bound_run(
+        self, graph: str, inputs: dict, outputs: dict, host_outputs: list[str]
+    ) -> list[np.ndarray]:
+        """Run ``graph`` with device buffers bound as ``inputs`` / ``outputs`` ({name: DeviceBuffer}); the outputs
+        named in ``host_outputs`` come back as host arrays, the device outputs are never copied."""
+        sess = self._sessions[graph]
+        types = self._input_types[graph]
+        binding = sess.io_binding()
+        for name, buf in inputs.items():
+            want = ORT_TYPES.get(types.get(name, ""))
+            if want is None or np.dtype(want) != buf.dtype:
+                raise BackendError(
+                    f"{graph}.onnx input {name} is {types.get(name, 'not an input')}: cannot bind the device buffer "
+                    f"{buf.name} ({buf.dtype} {list(buf.shape)})"
+                )
+            binding.bind_input(name, device_type="cuda", device_id=buf.device_id, element_type=buf.dtype.type,
+                               shape=buf.shape, buffer_ptr=buf.ptr)  # fmt: skip
+        for name, buf in outputs.items():
+            binding.bind_output(name, device_type="cuda", device_id=buf.device_id, element_type=buf.dtype.type,
+                                shape=buf.shape, buffer_ptr=buf.ptr)  # fmt: skip
+        for name in host_outputs:
+            binding.bind_output(name, "cpu")
+        try:
+            sess.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime raises its own exception types
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BackendError(f"{graph}.onnx failed on device buffers ({msg})") from None
+        values = binding.get_outputs()  # in binding order: the device outputs, then the host ones
+        return [values[len(outputs) + i].numpy() for i in range(len(host_outputs))]
+
+    def vision_device(self, clip, stream=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """clip pixels DeviceBuffer f32 [1, 3, 336, 336] -> (image_embeds f32 [1, 576, H], cls_logits | None)."""
+        del stream  # ONNX Runtime's own stream (see runs_on_caller_stream)
+        outs = self._bound_run("vision", {self._vision_in: clip}, {}, self._vision_out)
+        return outs[0], (outs[1] if len(outs) > 1 else None)
+
+    def sam_encoder_device(self, pixels, out, stream=None) -> None:
+        """SAM pixels DeviceBuffer f32 [1, 3, 1024, 1024] -> ``out`` f32 [1, 256, 64, 64], written on the device."""
+        del stream
+        self._bound_run("sam_encoder", {self._sam_in: pixels}, {self._sam_out: out}, [])
+
+    def mask_head_device(self, seg_hidden, embedding, out, stream=None) -> None:
+        """seg_hidden f32 [N, H], embedding f32 [1, 256, 64, 64] -> ``out`` low-res masks f32 [N, 256, 256]."""
+        del stream
+        feeds = {"seg_hidden": seg_hidden, "image_embeddings": embedding}
+        self._bound_run("mask_head", feeds, {self._mask_out: out}, [])

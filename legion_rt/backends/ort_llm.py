@@ -126,6 +126,14 @@ class OrtLLM:
         if self.device == "cuda":
             opts = self.session.get_provider_options().get(provider, {})
             self.device_id = int(opts.get("device_id", 0))
+        # The GQA graph on a GPU provider can leave its ``hidden`` output on the device: the device-resident request
+        # (legion_rt/device_path.py) then copies a [SEG]'s hidden state device to device into the mask head's input.
+        self.can_keep_hidden_on_device = (
+            provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+            and self.kind == "gqa_shared_kv"
+        )
+        self._provider = provider
+        self.hidden_on_device = False
 
     # ----------------------------------------------------------------------------------------------- caches
     def new_cache(self, max_len: int) -> KVCache:
@@ -234,6 +242,17 @@ class OrtLLM:
         self._cuda_stream = cuda.stream_create()
         return cuda
 
+    def keep_hidden_on_device(self) -> None:
+        """From now on ``forward`` returns the hidden state as a DeviceBuffer f32 [1, H] (an OrtValue on the
+        session's CUDA device, alive as long as the buffer), never copied to the host."""
+        if not self.can_keep_hidden_on_device:
+            raise BackendError(
+                f"llm.onnx ({self.kind}) runs on {self._provider}: its hidden state cannot stay on a CUDA device"
+            )
+        opts = self.session.get_provider_options().get(self._provider, {})
+        self.hidden_device_id = int(opts.get("device_id", 0))
+        self.hidden_on_device = True
+
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, cache: KVCache, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run the S positions of ``embeds`` (f32 [1, S, H]) after the cache's filled positions, writing their
@@ -268,7 +287,10 @@ class OrtLLM:
             binding.bind_ortvalue_output(n["present_key"].format(i=i), cache.ort_keys[i])
             binding.bind_ortvalue_output(n["present_value"].format(i=i), cache.ort_values[i])
         binding.bind_output(n["logits"], "cpu")
-        binding.bind_output(n["hidden"], "cpu")
+        if self.hidden_on_device:  # a fresh device OrtValue per call: a queued [SEG] keeps its own
+            binding.bind_output(n["hidden"], "cuda", self.hidden_device_id)
+        else:
+            binding.bind_output(n["hidden"], "cpu")
         try:
             self.session.run_with_iobinding(binding)
         except Exception as err:
@@ -276,7 +298,15 @@ class OrtLLM:
         outs = binding.get_outputs()  # in binding order: the 2 * num_layers caches, then logits, hidden
         # own copies (V + H floats): never views into buffers ONNX Runtime may reuse
         logits = np.array(outs[-2].numpy()[0], dtype=np.float32)  # [V]
-        hidden = np.array(outs[-1].numpy()[0], dtype=np.float32)  # [H]
+        if self.hidden_on_device:
+            from .device_buffer import DeviceBuffer
+
+            # [1, H], on the device
+            hidden = DeviceBuffer.from_ortvalue(
+                outs[-1], (1, self.hidden_size), np.float32, self.hidden_device_id, "hidden"
+            )
+        else:
+            hidden = np.array(outs[-1].numpy()[0], dtype=np.float32)  # [H]
         cache.length = total
         return logits, hidden
 

@@ -400,6 +400,49 @@ class _TrtGraph:
         del hosts
         return {k: v[0] for k, v in outputs.items()}
 
+    def run_device(
+        self, inputs: dict, outputs: dict, host_outputs: tuple[str, ...], stream
+    ) -> dict[str, np.ndarray]:
+        """Enqueue the engine on ``stream`` (the caller's) with device buffers bound by address: ``inputs`` /
+        ``outputs`` are {name: DeviceBuffer} in each binding's own dtype (no conversion on the device: a
+        mismatch raises BackendError), ``host_outputs`` come back as host arrays (then the stream is synchronized),
+        any other output goes to this context's scratch buffer. Nothing else is copied."""
+        if set(inputs) != set(self.inputs):
+            raise BackendError(
+                f"{self.path.name}: inputs {sorted(inputs)} do not match the engine's {sorted(self.inputs)}"
+            )
+        st = self._state()  # this thread's execution context (contexts are not thread-safe)
+        ctx, cuda = st.ctx, self.cuda
+        for name in self.inputs:
+            buf = inputs[name].expect(inputs[name].shape, self.dtypes[name], f"{self.path.name} input {name}")
+            if not ctx.set_input_shape(name, buf.shape):
+                raise BackendError(
+                    f"{self.path.name}: input {name} of shape {buf.shape} is outside the engine's optimization "
+                    "profile"
+                )
+            ctx.set_tensor_address(name, buf.ptr)
+        hosts = {}
+        for name in self.outputs:
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise BackendError(f"{self.path.name}: output {name} has an unresolved shape {shape}")
+            if name in outputs:
+                ctx.set_tensor_address(name, outputs[name].expect(shape, self.dtypes[name],
+                                                                  f"{self.path.name} output {name}").ptr)  # fmt: skip
+                continue
+            host = np.empty(shape, dtype=self.dtypes[name])
+            ptr = self._buffer(st, name, host.nbytes)
+            ctx.set_tensor_address(name, ptr)
+            if name in host_outputs:
+                hosts[name] = (host, ptr)
+        if not ctx.execute_async_v3(stream):
+            raise BackendError(f"{self.path.name}: TensorRT execution failed (see the log above)")
+        for host, ptr in hosts.values():
+            cuda.copy_d2h_async(host.ctypes.data, ptr, host.nbytes, stream)
+        if hosts:
+            cuda.synchronize(stream)
+        return {k: v[0] for k, v in hosts.items()}
+
     def close(self) -> None:
         """Free every context's device buffers (after its stream has finished)."""
         with self._lock:
@@ -496,6 +539,11 @@ class TensorRTBackend:
     machine, for this GPU, TensorRT version and these ONNX graphs are loaded (trt_records.check_record)."""
 
     name = "tensorrt"
+    # Device buffers are bound by address and every engine is enqueued on the stream the caller gives: the SAM
+    # encoder on the SAM thread's stream (its own execution context), the mask head on the mask thread's.
+    device_io = True
+    runs_on_caller_stream = True
+    device_id = 0  # engines are built for and run on device 0 (_gpu_tag)
 
     def __init__(self, art: ArtifactDir, *, threads: int | None = None):
         from .trt_records import check_record, rebuild_hint
@@ -550,6 +598,28 @@ class TensorRTBackend:
             feeds = {"seg_hidden": seg_hidden[s : s + MAX_MASKS], "image_embeddings": embedding}
             chunks.append(self._graphs["mask_head"].run(feeds)["low_res_masks"])
         return np.concatenate(chunks, axis=0)
+
+    # ------------------------------------------------------------------------------------------ device buffers
+    def vision_device(self, clip, stream):
+        """clip pixels DeviceBuffer [1, 3, 336, 336] -> (image_embeds [1, 576, H], cls_logits | None), host."""
+        want = ("image_embeds", "cls_logits") if self._has_cls else ("image_embeds",)
+        out = self._graphs["vision"].run_device({"pixel_values": clip}, {}, want, stream)
+        return out["image_embeds"], (out["cls_logits"] if self._has_cls else None)
+
+    def sam_encoder_device(self, pixels, out, stream) -> None:
+        """SAM pixels [1, 3, 1024, 1024] -> ``out`` image_embeddings [1, 256, 64, 64], enqueued on ``stream``."""
+        self._graphs["sam_encoder"].run_device(
+            {"pixel_values": pixels}, {"image_embeddings": out}, (), stream
+        )
+
+    def mask_head_device(self, seg_hidden, embedding, out, stream) -> None:
+        """seg_hidden [N, H] (N <= MAX_MASKS), embedding -> ``out`` low_res_masks [N, 256, 256] on ``stream``."""
+        if seg_hidden.shape[0] > MAX_MASKS:
+            raise BackendError(
+                f"mask head: {seg_hidden.shape[0]} [SEG] in one call, the engine takes {MAX_MASKS}"
+            )
+        feeds = {"seg_hidden": seg_hidden, "image_embeddings": embedding}
+        self._graphs["mask_head"].run_device(feeds, {"low_res_masks": out}, (), stream)
 
     def close(self) -> None:
         for graph in self._graphs.values():
