@@ -1,9 +1,10 @@
 """The released sizes end to end on this machine: make the 7B-shaped random checkpoint, export it (fp16 and int4),
 run the int4 artifacts with Engine on ONNX Runtime CPU; per stage: wall time, peak RSS and disk used. Re-runnable:
-what exists under --work (checkpoint, artifact directories) is reused; --fresh redoes it.
+what exists under --work (checkpoint, artifact directories) is reused; --fresh exports the listed
+precisions again (--fresh-model: the checkpoint too).
 
     python benchmarks/full_size.py --work DIR [--precisions fp16,int4] [--tokens 16,64] [--threads 2]
-                                   [--reference] [--fresh] [--json out.json]
+                                   [--reference] [--fresh [--fresh-model]] [--json out.json]
 
 Stages (each in its own process, so its peak RSS is its own):
   make      legion-rt make-tiny --size full   (export/tiny/full.py: streamed, ~16 GB)
@@ -31,6 +32,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python benchmarks/full_size.py` puts this folder first on sys.path, where benchmarks/kernels.py would shadow the
+# `kernels` package that transformers probes for: keep the folder off the path (e2e.py is loaded by file).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
+
+
+def _e2e():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("legion_bench_e2e", ROOT / "benchmarks" / "e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 GB = 10**9
 # Disk needed by the stages that are not cached yet (bytes, measured on the first run, rounded up; README table).
 DISK_NEED = {"make": 17 * GB, "fp16": 16 * GB, "int4": 6 * GB, "int8": 9 * GB, "fp32": 31 * GB}
@@ -122,8 +137,7 @@ def run_child(args) -> None:
 
     from legion_rt.engine import Engine
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from e2e import copy_bandwidth
+    e2e = _e2e()
 
     art = Path(args.artifacts)
     t0 = time.perf_counter()
@@ -131,7 +145,24 @@ def run_child(args) -> None:
     load_s = time.perf_counter() - t0
     picture = ROOT / "legion_rt" / "assets" / "demo.jpg"
     weights = sum(p.stat().st_size for p in art.glob("llm.onnx*"))
-    bw = copy_bandwidth()
+    bw = e2e.copy_bandwidth()
+    m = engine.manifest.model
+    prompt = (
+        len(engine.manifest.prompt.prefix_ids) + m.num_image_tokens + len(engine.manifest.prompt.suffix_ids)
+    )
+    kv_per_position = (
+        2
+        * m.num_layers
+        * m.num_kv_heads
+        * m.head_dim
+        * (4 if engine.manifest.graphs.llm.kv_dtype == "float32" else 2)
+    )
+
+    def step_bytes(n: int) -> int:
+        """What a decode step reads: every llm.onnx weight byte (packed int4, scales, the int8 lm_head) and the KV
+        cache at the run's mean context (the copy bandwidth, read + write, is the roof as in benchmarks/e2e.py)."""
+        return weights + kv_per_position * (prompt + n // 2)
+
     runs = []
     for n in args.tokens:
         t = time.perf_counter()
@@ -149,13 +180,16 @@ def run_child(args) -> None:
             elif kind == "DoneEvent":
                 result = ev.result
         total = time.perf_counter() - t
+        if n == args.tokens[-1]:
+            np.save(art.parent / "engine_masks.npy", np.stack([a.mask for a in result.artifacts]) if result.artifacts
+                    else np.zeros((0, 1, 1), bool))  # fmt: skip
         decode = np.diff(steps)
         ms = float(np.median(decode) * 1e3) if len(decode) else float("nan")
         runs.append({
             "max_new_tokens": n, "tokens": len(result.token_ids), "masks": len(result.artifacts),
             "ttft_s": round(first_token, 2), "ms_per_token": round(ms, 1), "first_mask_s": round(first_mask or -1, 2),
             "total_s": round(total, 1), "timings": {k: round(v, 3) for k, v in (result.timings or {}).items()},
-            "roof_ms": round(weights / bw * 1e3, 1), "achieved_gb_s": round(weights / (ms / 1e3) / GB, 1),
+            "roof_ms": round(step_bytes(n) / bw * 1e3, 1), "achieved_gb_s": round(step_bytes(n) / (ms / 1e3) / GB, 1),
             "text": result.text[:160], "token_ids": list(result.token_ids),
         })  # fmt: skip
     print(json.dumps({"load_s": round(load_s, 1), "weights_gb": round(weights / GB, 2),
@@ -163,25 +197,56 @@ def run_child(args) -> None:
                       "vm_hwm_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2)}))  # fmt: skip
 
 
-def reference_child(args) -> None:
-    """PyTorch bf16 eager, whole checkpoint, KV cache: greedy token ids on the demo picture (one JSON line)."""
-    import resource
-
+def bf16_reference(checkpoint: Path, clip: Path, detector: Path):
+    """export/reference.py's pipeline over the whole checkpoint: the LLM's decoder layers and final norm in bf16 as
+    stored, used straight from the memory-mapped shards (file pages the kernel can drop: the 13 GB of a 7B decoder
+    never become anonymous memory), embeddings, lm_head and everything else in fp32; hooks cast the decoder's
+    input to bf16 and its final-norm output back to fp32."""
     import torch
 
+    from legion_rt.export.checkpoint import load_legion
     from legion_rt.export.reference import ReferencePipeline
+
+    model = load_legion(checkpoint, clip, detector, stream_llm=True)
+    w = model.llm_weights
+    state = {name: (w[name] if name.startswith("lm_head.") else w.mapped(name)) for name in w.keys()}
+    state["model.embed_tokens.weight"] = model.llm.model.embed_tokens.weight
+    model.llm.load_state_dict(state, assign=True, strict=True)
+    model.llm.requires_grad_(False)
+
+    def to_bf16(_mod, args, kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"].to(torch.bfloat16)
+        return args, kwargs
+
+    def to_fp32(_mod, _args, _kwargs, out):
+        out.last_hidden_state = out.last_hidden_state.float()
+        return out
+
+    model.llm.model.register_forward_pre_hook(to_bf16, with_kwargs=True)
+    model.llm.model.register_forward_hook(to_fp32, with_kwargs=True)
+    return ReferencePipeline.from_checkpoint(checkpoint, clip, detector, model=model)
+
+
+def reference_child(args) -> None:
+    """PyTorch eager (bf16 decoder), whole checkpoint, KV cache: greedy token ids and masks (one JSON line)."""
+    import resource
+
+    import numpy as np
+    import torch
 
     torch.set_num_threads(args.threads)
     model = Path(args.model)
     t0 = time.perf_counter()
-    ref = ReferencePipeline.load(model / "checkpoint", model / "clip", detector=model / "detector.bin",
-                                 dtype=torch.bfloat16)  # fmt: skip
+    ref = bf16_reference(model / "checkpoint", model / "clip", model / "detector.bin")
     load_s = time.perf_counter() - t0
     picture = ROOT / "legion_rt" / "assets" / "demo.jpg"
     t = time.perf_counter()
-    out = ref.run(str(picture), max_new_tokens=args.tokens[-1], use_kv_cache=True)
+    with torch.no_grad():
+        out = ref.run(str(picture), max_new_tokens=args.tokens[-1], use_kv_cache=True, ignore_eos=True)
+    np.save(model.parent / "reference_masks.npy", np.asarray(out.masks, bool))
     print(json.dumps({"load_s": round(load_s, 1), "seconds": round(time.perf_counter() - t, 1),
-                      "token_ids": [int(i) for i in out.token_ids],
+                      "token_ids": [int(i) for i in out.token_ids], "timings": out.timings,
                       "vm_hwm_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2)}))  # fmt: skip
 
 
@@ -199,6 +264,26 @@ def child(mode: str, args, **extra) -> dict:
     return out
 
 
+def plan_check(art: Path, precision: str) -> dict:
+    """legion_rt.memory_plan's registry plan of the 7B ("legion-7b", from sizes alone: the Jetson table in the
+    README) against the plan read off the exported files: bytes per graph and the relative difference."""
+    from legion_rt.memory_plan import plan_memory
+
+    files = {name: sum(f.stat().st_size for f in art.glob(f"{name}.onnx*")) for name in
+             ("vision", "sam_encoder", "mask_head", "llm")}  # fmt: skip
+    files["embed_tokens"] = (art / "embed_tokens.npy").stat().st_size
+    from_sizes = plan_memory("legion-7b", precision).graphs
+    from_files = plan_memory(art).graphs
+    rows = {}
+    for name, on_disk in files.items():
+        key = next((k for k in from_sizes if k.startswith(name)), None)
+        if key is None:
+            continue
+        rows[name] = {"files": on_disk, "plan_from_sizes": from_sizes[key], "plan_from_artifacts": from_files.get(key),
+                      "sizes_vs_files": round(from_sizes[key] / on_disk - 1, 4)}  # fmt: skip
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -207,7 +292,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="16,64")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reference", action="store_true")
-    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="export the listed precisions again")
+    ap.add_argument("--fresh-model", action="store_true", help="with --fresh: write the checkpoint again too")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--run-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--reference-child", action="store_true", help=argparse.SUPPRESS)
@@ -225,8 +311,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model = work / "model"
     precisions = [p for p in args.precisions.split(",") if p]
-    if args.fresh:
-        for p in [model, *(work / f"artifacts-{p}" for p in precisions)]:
+    if args.fresh:  # the listed precisions' artifacts (the checkpoint too with --fresh-model)
+        for p in [*([model] if args.fresh_model else []), *(work / f"artifacts-{p}" for p in precisions)]:
             shutil.rmtree(p, ignore_errors=True)
     todo = ([] if (model / "tiny_info.json").is_file() else ["make"]) + [
         p for p in precisions if not (work / f"artifacts-{p}" / "manifest.json").is_file()
@@ -244,15 +330,23 @@ def main() -> None:
             report["stages"][f"export {p}"] = monitored(cmd, watch=out, label=f"export {p}")
         manifest = json.loads((out / "manifest.json").read_text())
         report.setdefault("verification", {})[p] = manifest["verification"]
+        report.setdefault("memory_plan", {})[p] = plan_check(out, p)
     run_on = "int4" if "int4" in precisions else precisions[-1]
     report["stages"]["run"] = child("run", args, artifacts=work / f"artifacts-{run_on}")
     if args.reference:
         report["stages"]["reference"] = ref = child("reference", args, model=model)
         ours = report["stages"]["run"]["runs"][-1]["token_ids"]
         same = next((k for k, (a, b) in enumerate(zip(ours, ref["token_ids"], strict=False)) if a != b), None)
+        import numpy as np
+
+        mine, theirs = np.load(work / "engine_masks.npy"), np.load(work / "reference_masks.npy")
+        ious = [float((a & b).sum() / max((a | b).sum(), 1)) for a, b in zip(mine, theirs, strict=False)]
         report["reference_agreement"] = {
             "identical_prefix": len(ours) if same is None else same,
             "compared": min(len(ours), len(ref["token_ids"])),
+            "masks": [len(mine), len(theirs)],
+            "mask_iou_min": round(min(ious), 4) if ious else None,
+            "mask_iou_mean": round(float(np.mean(ious)), 4) if ious else None,
         }
     print_table(report)
     if args.json:
@@ -266,6 +360,13 @@ def print_table(report: dict) -> None:
             print(f"| **{name}** | {st['seconds']} | {st['peak_rss_gb']} | {st['disk_gb']} |")
             for s in st["steps"]:
                 print(f"| &nbsp; {s['step']} | {s['seconds']} | {s['peak_rss_gb']} | {s['disk_gb']} |")
+    for p, rows in report.get("memory_plan", {}).items():
+        print(f"\nmemory plan ({p}): registry 'legion-7b' from sizes vs the exported files")
+        print("| graph | files MB | plan from sizes MB | difference |\n|---|---|---|---|")
+        for name, r in rows.items():
+            print(
+                f"| {name} | {r['files'] / 1e6:.1f} | {r['plan_from_sizes'] / 1e6:.1f} | {100 * r['sizes_vs_files']:+.1f} % |"
+            )
     run = report["stages"].get("run")
     if run:
         print(f"\nrun (Engine on ONNX Runtime CPU): load {run['load_s']} s, llm.onnx {run['weights_gb']} GB, "
@@ -279,9 +380,9 @@ def print_table(report: dict) -> None:
         print(f"text: {run['runs'][-1]['text']!r}")
     if "reference_agreement" in report:
         a = report["reference_agreement"]
-        print(
-            f"greedy tokens vs PyTorch bf16 (whole model): first {a['identical_prefix']} of {a['compared']} identical"
-        )
+        print(f"greedy tokens vs PyTorch (bf16 decoder, whole model): first {a['identical_prefix']} of "
+              f"{a['compared']} identical; masks {a['masks'][0]} vs {a['masks'][1]}, IoU min {a['mask_iou_min']} "
+              f"mean {a['mask_iou_mean']}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -520,6 +520,20 @@ class StreamedLlmWeights:
         _drop_pages(src)
         return dst
 
+    def mapped(self, name: str) -> torch.Tensor:
+        """The stored tensor itself, in its file dtype, backed by the file's pages (a ``.bin`` shard: nothing is
+        copied, the kernel pages it in and can drop it again), or a copy in its dtype (safetensors). For a
+        PyTorch reference of a 7B that must not hold the weights in anonymous memory (benchmarks/full_size.py)."""
+        key, path = self._sources[name]
+        if path.suffix == ".safetensors":
+            with _safe_open(path) as f:
+                return f.get_tensor(key)
+        if path not in self._maps:
+            state = _load_bin(path)
+            _check_bin_storage(path, state)
+            self._maps[path] = state
+        return self._maps[path][key]
+
     def close(self) -> None:
         self._maps.clear()
 

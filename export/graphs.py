@@ -62,10 +62,13 @@ def _torch_export_quiet(module, args: tuple, path: Path, *, input_names, output_
 
     tmp = path.with_name(path.name + ".export")
     tmp.mkdir()
-    # The exporter logs warnings about optional packages (torchvision ops) and deprecations: keep the export quiet.
-    onnx_log = logging.getLogger("torch.onnx")
-    level = onnx_log.level
-    onnx_log.setLevel(logging.ERROR)
+    # The exporter logs warnings about optional packages (torchvision ops) and deprecations, and its optimizer
+    # (onnx_ir, onnxscript) logs every pass at INFO once anything (ONNX Runtime's quantizer) has configured the
+    # root logger: keep the export quiet.
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         warnings.simplefilter("ignore")
         try:
@@ -110,7 +113,8 @@ def _torch_export_quiet(module, args: tuple, path: Path, *, input_names, output_
         proto = onnx.load(str(tmp / "g.onnx"), load_external_data=True)
         save_onnx(proto, path)
     finally:
-        onnx_log.setLevel(level)
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
         shutil.rmtree(tmp, ignore_errors=True)
     return exporter
 

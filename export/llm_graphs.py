@@ -21,10 +21,17 @@ LLM_GRAPH_CHOICES = ("gqa", "standard", "both")
 
 
 def build_llm_graphs(
-    llm, out_dir: Path, *, precision: str = "fp32", which: str = "gqa", weights=None, quant=None
+    llm,
+    out_dir: Path,
+    *,
+    precision: str = "fp32",
+    which: str = "gqa",
+    weights=None,
+    quant=None,
+    progress=None,
 ) -> dict[str, LlmGraph]:
     """The manifest's LLM entries ({"llm": ...} and, for ``both``, "llm_standard") after writing the graphs.
-    ``weights`` / ``quant``: see export/onnx_llm.py build_llm_graph (quantized: the GQA graph only)."""
+    ``weights`` / ``quant`` / ``progress``: see export/onnx_llm.py build_llm_graph (quantized: the GQA graph only)."""
     out_dir = Path(out_dir)
     if which not in LLM_GRAPH_CHOICES:
         raise ExportError(f"llm graph {which!r}: expected one of {', '.join(LLM_GRAPH_CHOICES)}")
@@ -33,7 +40,9 @@ def build_llm_graphs(
             "llm": build_standard_llm_graph(llm, out_dir / "llm.onnx", precision=precision, weights=weights)
         }
     graphs = {
-        "llm": build_llm_graph(llm, out_dir / "llm.onnx", precision=precision, weights=weights, quant=quant)
+        "llm": build_llm_graph(
+            llm, out_dir / "llm.onnx", precision=precision, weights=weights, quant=quant, progress=progress
+        )
     }
     if which == "both":
         graphs["llm_standard"] = build_standard_llm_graph(

@@ -306,6 +306,7 @@ def export_graphs(
                 which=llm_graph,
                 weights=model.llm_weights if streamed else None,
                 quant=quant,
+                progress=lambda done, total: bar.detail("build llm.onnx: decoder layer", done, total),
             )
         )
         info = graphs["llm"]

@@ -242,6 +242,7 @@ def build_llm_graph(
     max_positions: int | None = None,
     weights=None,
     quant=None,
+    progress=None,
 ):
     """Write llm.onnx (and llm.onnx.data when the weights pass 2 GB) for ``llm`` (a LlamaForCausalLM).
 
@@ -252,7 +253,7 @@ def build_llm_graph(
     sits on the meta device): every tensor is read, converted and written to the data file one at a time.
     ``quant``: a Quantization record (precision fp32 only): every linear weight becomes a MatMulNBits as it is
     written (export/quantize.py quantize_weight; lm_head with ``quant.lm_head_bits``, or float32), so a
-    quantized 7B never exists as a float32 graph.
+    quantized 7B never exists as a float32 graph. ``progress(done, total)``: called after each decoder layer.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -393,6 +394,8 @@ def build_llm_graph(
             epsilon=eps,
             name=next_norm,
         )
+        if progress is not None:
+            progress(i + 1, L)
     # normed is now model.norm(h) for every position: keep the last one only.
     last = b.op("Gather", [normed, minus_one], axis=1, name="last_position")  # [B, H]
     logits = weight_matmul(

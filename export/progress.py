@@ -37,6 +37,16 @@ class Progress:
         else:
             print(msg, file=sys.stderr, flush=True)
 
+    def detail(self, what: str, done: int, total: int) -> None:
+        """Where a long step is (``what`` ``done``/``total``): the rich bar's description, or a stderr line at every
+        quarter."""
+        if not self.enabled:
+            return
+        if self._rich is not None:
+            self._rich.update(self._task, description=f"{what} {done}/{total}")
+        elif done == total or done % max(1, total // 4) == 0:
+            print(f"      {what} {done}/{total}", file=sys.stderr, flush=True)
+
     @contextmanager
     def step(self, what: str):
         t0 = time.perf_counter()

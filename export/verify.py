@@ -326,15 +326,29 @@ def _param_bytes(modules, per: int) -> int:
                if t.is_floating_point())  # fmt: skip
 
 
-def _fp64_fits(modules) -> bool:
-    """float64 parameters (the float32 ones are freed as each is cast) + 2 GiB for activations."""
-    return _param_bytes(modules, 4) + 2 * 1024**3 <= memory.available_memory()
+FP64_BASE_ACTIVATIONS = 2 * 1024**3
 
 
-def verify_cases(cases: list[_Case], groups: list[tuple[list, list[_Case]]], *, scale: float = 1.0,
+def _fp64_fits(modules, activations: int = 0) -> bool:
+    """float64 parameters (the float32 ones are freed as each is cast) + 2 GiB + ``activations``: the group's own
+    float64 activation peak where it is larger (SAM ViT-H's global attention: sam_attention_bytes)."""
+    return _param_bytes(modules, 4) + FP64_BASE_ACTIVATIONS + activations <= memory.available_memory()
+
+
+def sam_attention_bytes(cfg, itemsize: int = 8) -> int:
+    """Peak bytes of a SAM image encoder's global-attention block in eager PyTorch: the scores [heads, T, T] (T =
+    grid^2 tokens), the decomposed relative-position term added to them and the softmax, alive together. ViT-H at
+    1024 px in float64: 3 x 16 x 4096^2 x 8 = 6.4 GB (found when the 7B-shaped int4 export was killed for memory
+    with a flat 2 GiB allowance)."""
+    h, w = cfg.sam_embedding_hw
+    return 3 * int(cfg.sam_num_heads) * (h * w) ** 2 * itemsize
+
+
+def verify_cases(cases: list[_Case], groups: list[tuple], *, scale: float = 1.0,
                  fp16: bool = False) -> list[_Check]:  # fmt: skip
     """Compute the PyTorch fp32 outputs of every case (and float64 ones for the groups whose modules fit in
-    memory as float64: ``groups`` = [(modules, cases)]), then judge each case. fp16 graphs are judged against
+    memory as float64: ``groups`` = [(modules, cases[, float64 activation bytes beyond the 2 GiB allowance])],
+    each group cast and run on its own, so only one group is float64 at a time), then judge each case. fp16 graphs are judged against
     PyTorch fp32 (rule fp16_max)."""
     import torch
 
@@ -343,17 +357,13 @@ def verify_cases(cases: list[_Case], groups: list[tuple[list, list[_Case]]], *, 
             if not c.t32:
                 c.t32 = c.torch_fn()
         if not fp16:
-            for modules, group in groups:
-                if _fp64_fits(modules):
+            for modules, group, *activations in groups:
+                if group and _fp64_fits(modules, *activations):
                     with _float64(modules):
                         for c in group:
                             c.ref64 = c.torch_fn()
     rule = lambda c: "fp16_max" if fp16 else ("fp64_ratio" if c.ref64 is not None else "rms_rtol")  # noqa: E731
     return [_judge(c, rule(c), scale) for c in cases]
-
-
-def _non_llm_modules(model) -> list:
-    return [m for n, m in model.named_children() if n != "llm" and m is not None]
 
 
 def verify_graphs(out_dir: Path, model, info, seed: int = 0, *, scale: float = 1.0, fp16: bool = False,
@@ -412,7 +422,22 @@ def verify_graphs(out_dir: Path, model, info, seed: int = 0, *, scale: float = 1
         return _verify_with_llm(cases, model, llm, scale, fp16)
 
 
+def fp64_groups(model, llm, cases) -> list[tuple]:
+    """The float64 groups of verify_graphs: each graph's own modules (CLIP + projector + detector; SAM + the text
+    projection for the SAM encoder and mask head; the LLM), so a 7B-shaped model's float64 copies are made one
+    graph at a time."""
+    by = {c.name: c for c in cases}
+    parts = dict(model.named_children())
+    vision = [parts[n] for n in ("clip", "mm_projector", "prediction_head") if parts.get(n) is not None]
+    sam = [parts[n] for n in ("grounding_encoder", "text_hidden_fcs") if parts.get(n) is not None]
+    others = [m for n, m in parts.items() if m is not None and m not in vision + sam and n != "llm"]
+    pick = lambda *names: [by[n] for n in names if n in by]  # noqa: E731
+    return [
+        (vision + others, pick("vision")),
+        (sam, pick("sam_encoder", "mask_head"), sam_attention_bytes(model.cfg)),
+        ([llm], pick("llm")),
+    ]
+
+
 def _verify_with_llm(cases, model, llm, scale, fp16):
-    groups = [(_non_llm_modules(model), [c for c in cases if c.name != "llm"]),
-              ([llm], [c for c in cases if c.name == "llm"])]  # fmt: skip
-    return verify_cases(cases, groups, scale=scale, fp16=fp16)
+    return verify_cases(cases, fp64_groups(model, llm, cases), scale=scale, fp16=fp16)

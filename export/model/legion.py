@@ -42,23 +42,26 @@ class LegionModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.mm_projector[0].weight.dtype
 
-    def _in(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.dtype)
+    @staticmethod
+    def _in(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        """x in ``module``'s weight dtype: each part casts its own input, so the parts may differ in dtype (the
+        export's float64 references cast one graph's modules at a time)."""
+        return x.to(next(module.parameters()).dtype)
 
     def clip_features(self, clip_pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 3, 336, 336] -> (patches [B, 576, Cv], cls [B, Cv]) of hidden_states[-2]."""
-        h = clip_penultimate(self.clip, self._in(clip_pixels))  # [B, 577, Cv]
+        h = clip_penultimate(self.clip, self._in(clip_pixels, self.clip))  # [B, 577, Cv]
         return h[:, 1:].float(), h[:, 0].float()
 
     def project(self, patches: torch.Tensor) -> torch.Tensor:
         """[B, 576, Cv] -> image embeddings [B, 576, H] (mm_projector)."""
-        return self.mm_projector(self._in(patches)).float()
+        return self.mm_projector(self._in(patches, self.mm_projector)).float()
 
     def detect(self, cls: torch.Tensor) -> torch.Tensor | None:
         """[B, Cv] -> real/fake logits [B, 2] (index 1 = real), or None when no detector was loaded."""
         if self.prediction_head is None:
             return None
-        return self.prediction_head(self._in(cls)).float()
+        return self.prediction_head(self._in(cls, self.prediction_head)).float()
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids [B, S] -> input embeddings [B, S, H] (float32)."""
@@ -66,11 +69,13 @@ class LegionModel(nn.Module):
 
     def sam_encode(self, sam_pixels: torch.Tensor) -> torch.Tensor:
         """Normalized, padded pixels [B, 3, 1024, 1024] -> image embedding [B, 256, 64, 64]."""
-        return self.grounding_encoder.image_encoder(self._in(sam_pixels)).float()
+        return self.grounding_encoder.image_encoder(
+            self._in(sam_pixels, self.grounding_encoder.image_encoder)
+        ).float()
 
     def seg_prompts(self, seg_hidden: torch.Tensor) -> torch.Tensor:
         """[SEG] hidden states [N, H] (final norm, last layer) -> SAM prompt vectors [N, 256] (text_hidden_fcs)."""
-        return self.text_hidden_fcs[0](self._in(seg_hidden))
+        return self.text_hidden_fcs[0](self._in(seg_hidden, self.text_hidden_fcs))
 
     def mask_head(self, seg_hidden: torch.Tensor, image_embedding: torch.Tensor) -> torch.Tensor:
         """seg_hidden [N, H], image_embedding [1, 256, 64, 64] -> low-res mask logits [N, 256, 256].
@@ -81,7 +86,7 @@ class LegionModel(nn.Module):
         text = self.seg_prompts(seg_hidden)  # [N, 256]
         sparse, dense = ge.prompt_encoder(text.unsqueeze(1))  # [N, 1, 256], [N, 256, 64, 64]
         low_res = ge.mask_decoder(
-            image_embeddings=self._in(image_embedding),
+            image_embeddings=self._in(image_embedding, ge.mask_decoder),
             image_pe=ge.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
