@@ -192,7 +192,22 @@ def run_child(args) -> None:
             "roof_ms": round(step_bytes(n) / bw * 1e3, 1), "achieved_gb_s": round(step_bytes(n) / (ms / 1e3) / GB, 1),
             "text": result.text[:160], "token_ids": list(result.token_ids),
         })  # fmt: skip
-    print(json.dumps({"load_s": round(load_s, 1), "weights_gb": round(weights / GB, 2),
+    # The LLM alone (nothing else on the cores; in a request the SAM encoder and the mask jobs share them): decode
+    # steps after a short context, where the step reads the int4 weights and little KV cache.
+    llm, ctx = engine._backend.llm, 32
+    cache = llm.new_cache(ctx + 13)
+    rng = np.random.default_rng(0)
+    llm.forward(cache, rng.standard_normal((1, ctx, m.hidden_size), dtype=np.float32) * 0.02)
+    alone = []
+    for _ in range(12):
+        t = time.perf_counter()
+        llm.forward(cache, rng.standard_normal((1, 1, m.hidden_size), dtype=np.float32) * 0.02)
+        alone.append(time.perf_counter() - t)
+    alone_ms = float(np.median(alone) * 1e3)
+    alone_bytes = weights + kv_per_position * (ctx + 6)
+    llm_alone = {"context": ctx, "ms_per_token": round(alone_ms, 1), "roof_ms": round(alone_bytes / bw * 1e3, 1),
+                 "achieved_gb_s": round(alone_bytes / (alone_ms / 1e3) / GB, 1)}  # fmt: skip
+    print(json.dumps({"load_s": round(load_s, 1), "weights_gb": round(weights / GB, 2), "llm_alone": llm_alone,
                       "copy_gb_s": round(bw / GB, 1), "runs": runs,
                       "vm_hwm_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB, 2)}))  # fmt: skip
 
@@ -377,6 +392,9 @@ def print_table(report: dict) -> None:
             print(f"| {r['max_new_tokens']} | {r['tokens']} | {r['masks']} | {r['ttft_s']} | {r['ms_per_token']} | "
                   f"{r['roof_ms']} | {r['achieved_gb_s']} | {r['first_mask_s']} | "
                   f"{r['timings'].get('sam_encoder', float('nan'))} | {r['total_s']} |")  # fmt: skip
+        a = run["llm_alone"]
+        print(f"LLM alone (decode after {a['context']} positions, nothing else running): {a['ms_per_token']} ms/token, "
+              f"roof {a['roof_ms']} ms, {a['achieved_gb_s']} GB/s")  # fmt: skip
         print(f"text: {run['runs'][-1]['text']!r}")
     if "reference_agreement" in report:
         a = report["reference_agreement"]

@@ -5,7 +5,9 @@ data past protobuf's 2 GB limit, and the fp16 conversion. The LLM graph is built
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -133,6 +135,9 @@ def save_onnx(proto, path: Path) -> None:
             location=path.name + ".data",
             size_threshold=1024,
         )
+        # onnx writes the data file with mode 0600: give it the graph file's mode (found on the 7B-shaped export:
+        # a service running as another user could read sam_encoder.onnx but not its weights)
+        os.chmod(path.with_name(path.name + ".data"), stat.S_IMODE(os.stat(path).st_mode))
     else:
         onnx.save_model(proto, str(path))
 

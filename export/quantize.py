@@ -47,7 +47,8 @@ import numpy as np
 
 from legion_rt.manifest import PRECISION_BITS, LlmGraph, Quantization
 
-from .onnx_llm import EXTERNAL_DATA_THRESHOLD, ExportError
+from .graphs import save_onnx
+from .onnx_llm import ExportError
 from .verify import Tolerance  # max |got - ref| <= atol + rtol * rms(ref), the export's one tolerance type
 
 QUANTIZED_PRECISIONS = tuple(PRECISION_BITS)  # ("int8", "int4")
@@ -234,12 +235,7 @@ def quantize_file(
     data = dst.with_name(dst.name + ".data")
     if data.exists():
         data.unlink()
-    size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)  # fmt: skip
-    else:
-        onnx.save_model(proto, str(dst))
+    save_onnx(proto, dst)
     return Quantization(
         bits=bits,
         block_size=block_size,
@@ -336,12 +332,7 @@ def dequantized_graph(q_path: Path, dst: Path, weights: dict | None = None) -> i
     proto.graph.node.extend(nodes)
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep + new_inits)
-    size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)  # fmt: skip
-    else:
-        onnx.save_model(proto, str(dst))
+    save_onnx(proto, dst)
     return count
 
 
@@ -356,12 +347,7 @@ def with_accuracy_level(src: Path, dst: Path, level: int) -> None:
             keep = [a for a in node.attribute if a.name != "accuracy_level"]
             del node.attribute[:]
             node.attribute.extend(keep + [helper.make_attribute("accuracy_level", int(level))])
-    size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)  # fmt: skip
-    else:
-        onnx.save_model(proto, str(dst))
+    save_onnx(proto, dst)
 
 
 def weight_errors(fp32_path: Path, deq: dict) -> dict:

@@ -249,7 +249,7 @@ class StandinSession:
         self.bindings.append(RecordingBinding(self.host_shapes))
         return self.bindings[-1]
 
-    def run_with_iobinding(self, binding):
+    def run_with_iobinding(self, binding, run_options=None):
         self.runs += 1
 
     def run(self, *a, **k):
@@ -268,6 +268,7 @@ def _ort_backend():
         "mask_head": StandinSession({"seg_hidden": "tensor(float)", "image_embeddings": "tensor(float)"}),
     }
     b._input_types = {g: {i.name: i.type for i in s.get_inputs()} for g, s in b._sessions.items()}
+    b._run_options = {g: None for g in b._sessions}
     b._vision_in, b._vision_out = "pixel_values", ["image_embeds", "cls_logits"]
     b._sam_in, b._sam_out, b._mask_out = "pixel_values", "image_embeddings", "low_res_masks"
     b.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -370,7 +371,7 @@ class LLMSession:
         self.bindings.append(Binding())
         return self.bindings[-1]
 
-    def run_with_iobinding(self, binding):
+    def run_with_iobinding(self, binding, run_options=None):
         pass
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 import legion_rt
 from legion_rt import ArtifactError, ImageError, RequestError
+from legion_rt.artifacts import load_artifacts
 from legion_rt.engine import DoneEvent, Engine, MaskEvent, TokenEvent
 
 pytest.importorskip("torch", reason="the reference pipeline (export stage) needs torch")
@@ -430,3 +431,29 @@ def test_admission_busy_and_deadline_on_a_real_engine(tiny_artifacts, tmp_path):
             with pytest.raises(RequestError, match="timeout_s"):
                 eng.stream(pic, timeout_s=bad)
         assert eng.running_requests == 0  # a refused request takes no slot
+
+
+def test_vision_and_sam_runs_give_the_cpu_arena_back(tiny_artifacts):
+    """The vision and SAM encoder runs ask ONNX Runtime to shrink its CPU arena at the end of the run (the 7B-shaped
+    SAM ViT-H grew the process by 4.5 GB per run otherwise, benchmarks/README.md); the LLM's decode keeps its arena."""
+    from legion_rt.backends.onnxruntime import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(load_artifacts(tiny_artifacts), threads=1)
+    seen = {}
+    for graph in ("vision", "sam_encoder"):
+        real = backend._sessions[graph]
+
+        class Recording:
+            def __init__(self, sess, name):
+                self.sess, self.name = sess, name
+
+            def run(self, outs, feeds, run_options=None):
+                seen[self.name] = run_options
+                return self.sess.run(outs, feeds, run_options)
+
+        backend._sessions[graph] = Recording(real, graph)
+    backend.vision(np.zeros((1, 3, 336, 336), np.float32))
+    backend.sam_encoder(np.zeros((1, 3, 1024, 1024), np.float32))
+    for graph in ("vision", "sam_encoder"):
+        assert seen[graph].get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0", graph
+    assert backend._run_options["llm"] is None

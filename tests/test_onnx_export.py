@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -393,12 +394,21 @@ def test_export_refuses_cleanly_when_memory_is_short(tmp_path, tiny_paths):
         export_artifacts(checkpoint=tiny_paths.checkpoint, clip=tiny_paths.clip, out=out, progress=False,
                          memory_limit=1 << 20)  # fmt: skip
     assert not out.exists() and _leftovers(tmp_path, "art") == []
-    # between the fp16 and the fp32 needs: the message names the option that fits
-    need32 = estimate_export_memory(tiny_paths.checkpoint, tiny_paths.clip).total
-    need16 = estimate_export_memory(tiny_paths.checkpoint, tiny_paths.clip, precision="fp16").total
+    # between the fp16 and the fp32 needs (the LLM streamed, as asked): the message names the option that fits
+    kw = dict(stream_llm=True)
+    need32 = estimate_export_memory(tiny_paths.checkpoint, tiny_paths.clip, **kw).total
+    need16 = estimate_export_memory(tiny_paths.checkpoint, tiny_paths.clip, precision="fp16", **kw).total
     with pytest.raises(ExportError, match=r"--precision fp16 needs about"):
         export_artifacts(checkpoint=tiny_paths.checkpoint, clip=tiny_paths.clip, out=out, progress=False,
-                         memory_limit=(need16 + need32) // 2)  # fmt: skip
+                         memory_limit=(need16 + need32) // 2, **kw)  # fmt: skip
+    assert not out.exists()
+    # too little for the LLM loaded in float32, enough streamed: the export streams it (the 7B on 24 GB)
+    loaded = estimate_export_memory(tiny_paths.checkpoint, tiny_paths.clip).total
+    assert need32 < loaded
+    export_artifacts(checkpoint=tiny_paths.checkpoint, clip=tiny_paths.clip, out=out, progress=False,
+                     memory_limit=loaded - 1)  # fmt: skip
+    note = json.loads((out / "manifest.json").read_text())["verification"]["llm"]["note"]
+    assert "(streamed LLM)" in note
 
 
 def test_unsupported_llm_head_size_is_refused_before_any_work(tmp_path, tiny_paths):
@@ -424,3 +434,52 @@ def test_unsupported_llm_head_size_is_refused_before_any_work(tmp_path, tiny_pat
     assert "config.json: head size 8 is not a multiple of 16" in msg and "GroupQueryAttention" in msg
     assert "\n" not in msg
     assert not out.exists() and _leftovers(tmp_path, "art") == []
+
+
+def test_float64_references_are_made_one_graph_at_a_time(tiny_model, manifest, tiny_artifacts, monkeypatch):
+    """With room for the vision graph's float64 copy but not for SAM's (its global-attention scores are counted:
+    a flat allowance let the 7B-shaped int4 export be killed for memory), vision is judged by fp64_ratio and the
+    SAM graphs fall back to rms_rtol; the parts cast their own inputs, so a float64 CLIP beside a float32 SAM runs."""
+    import legion_rt.export.memory as mem
+    import legion_rt.export.verify as vx
+
+    parts = dict(tiny_model.named_children())
+    vision = vx._param_bytes([parts["clip"], parts["mm_projector"], parts["prediction_head"]], 4)
+    sam = vx._param_bytes([parts["grounding_encoder"], parts["text_hidden_fcs"]], 4)
+    assert vx.sam_attention_bytes(tiny_model.cfg) > vision + 2**20  # the attention term decides here
+    monkeypatch.setattr(mem, "available_memory", lambda: vx.FP64_BASE_ACTIVATIONS + vision + sam + 2**20)
+    checks = {c.name: c for c in vx.verify_graphs(tiny_artifacts, tiny_model, _llm_info(manifest), seed=1)}
+    assert checks["vision"].rule == "fp64_ratio" and checks["vision"].ok
+    for name in ("sam_encoder", "mask_head"):
+        assert checks[name].rule == "rms_rtol" and checks[name].ok, checks[name].line()
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())
+    from legion_rt.export.config import CONFIGS
+
+    assert (
+        vx.sam_attention_bytes(CONFIGS["legion-7b"]) == 3 * 16 * 4096**2 * 8
+    )  # SAM ViT-H: 6.4 GB in float64
+
+
+def test_external_data_gets_the_graph_files_mode(tmp_path, monkeypatch):
+    """onnx writes a graph's external data file with mode 0600; an artifact directory must be readable by a service
+    running as another user (found on the 7B-shaped export: sam_encoder.onnx.data was 0600)."""
+    import stat
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    import legion_rt.export.graphs as graphs
+
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], initializer=[w]))  # fmt: skip
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_THRESHOLD", 0)  # as a graph past 2 GB
+    old = os.umask(0o022)
+    try:
+        graphs.save_onnx(proto, tmp_path / "g.onnx")
+    finally:
+        os.umask(old)
+    data = tmp_path / "g.onnx.data"
+    assert data.is_file()
+    assert stat.S_IMODE(data.stat().st_mode) == stat.S_IMODE((tmp_path / "g.onnx").stat().st_mode) == 0o644
