@@ -256,3 +256,13 @@ def test_make_tiny_steer_option(tmp_path):
     bad = _cli("make-tiny", "--out", tmp_path / "x", "--steer", "sideways")
     assert bad.returncode == 2 and "--steer" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_make_tiny_full_plants_the_loop_only(tmp_path):
+    """make-tiny --size full --steer free is refused in one line (the free language needs a forward pass of the
+    whole 7B); the disk check before anything is written: tests/test_full_size_writer.py."""
+    pytest.importorskip("torch", reason="make-tiny needs the export extra (torch)")
+    bad = _cli("make-tiny", "--size", "full", "--steer", "free", "--out", tmp_path / "f")
+    assert bad.returncode != 0
+    _one_error_line(bad, "loop language only")
+    assert not (tmp_path / "f").exists()

@@ -106,3 +106,19 @@ def test_streamed_tiny_loads_and_plays_the_loop(tmp_path):
     layers = model.llm.model.layers
     assert not torch.equal(layers[0].mlp.up_proj.weight, layers[1].mlp.up_proj.weight)
     _check_language(paths)
+
+
+def test_full_size_refuses_a_small_disk_before_writing(tmp_path, monkeypatch):
+    """make_tiny(size="full") checks free disk against the planned bytes first: one LegionError naming the path and
+    both sizes, nothing written (a 16 GB checkpoint must not fail half-way on a full disk)."""
+    import shutil
+
+    from legion_rt.export.tiny import make_tiny
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10 * 10**9))
+    with pytest.raises(
+        LegionError, match=r"make-tiny --size full needs about 1[5-7]\.\d GB of disk, only 10\.0 GB"
+    ):
+        make_tiny(tmp_path / "full", size="full")
+    assert not (tmp_path / "full").exists()

@@ -82,7 +82,8 @@ def make_full(out_dir, *, seed: int = 0, size: str = FULL_SIZE, pieces: int = LL
 
     out = Path(out_dir)
     cfg = CONFIGS[size].replace(vocab_size=pieces + 7, name=size)
-    check_disk(out, int(full_checkpoint_bytes(cfg) * 1.05) + GB, f"make-tiny --size {size}")
+    label = "full" if size == FULL_SIZE else size
+    check_disk(out, int(full_checkpoint_bytes(cfg) * 1.05) + GB, f"make-tiny --size {label}")
     ckpt, clip_dir = out / "checkpoint", out / "clip"
     for d in (ckpt, clip_dir):
         d.mkdir(parents=True, exist_ok=True)
