@@ -336,12 +336,14 @@ def _fp64_fits(modules, activations: int = 0) -> bool:
 
 
 def sam_attention_bytes(cfg, itemsize: int = 8) -> int:
-    """Peak bytes of a SAM image encoder's global-attention block in eager PyTorch: the scores [heads, T, T] (T =
-    grid^2 tokens), the decomposed relative-position term added to them and the softmax, alive together. ViT-H at
-    1024 px in float64: 3 x 16 x 4096^2 x 8 = 6.4 GB (found when the 7B-shaped int4 export was killed for memory
-    with a flat 2 GiB allowance)."""
+    """Peak bytes of a SAM image encoder's global-attention block in eager PyTorch beyond its weights: the scores
+    [heads, T, T] (T = grid^2 tokens), the decomposed relative-position sum, its copy and the softmax, alive
+    together (4 of them). ViT-H at 1024 px in float64: 4 x 16 x 4096^2 x 8 = 8.6 GB. Measured on the 7B-shaped
+    export (24 GB machine, 2026-12-07): a flat 2 GiB allowance let the int4 export be killed for memory; 3 score
+    tensors let the float64 pass run with the process peaking at 24.25 GB of 24.7; with 4 it falls back to rule
+    rms_rtol there (peak 16.3 GB)."""
     h, w = cfg.sam_embedding_hw
-    return 3 * int(cfg.sam_num_heads) * (h * w) ** 2 * itemsize
+    return 4 * int(cfg.sam_num_heads) * (h * w) ** 2 * itemsize
 
 
 def verify_cases(cases: list[_Case], groups: list[tuple], *, scale: float = 1.0,

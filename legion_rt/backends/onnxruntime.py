@@ -176,8 +176,9 @@ def disabled_optimizers(graph: str, providers: list[str]) -> list[str]:
 # memory.enable_memory_arena_shrinkage). Measured on the 7B-shaped SAM ViT-H encoder (2 threads, 2026-12-07): with
 # the arena kept, the process grew from 2.6 GB to 7.1 GB after one run and 11.6 GB after the second (the arena
 # extends by powers of two and keeps it all); with shrinkage it returns to 2.7 GB after each run, same peak (7.1 GB)
-# and same time (27 s). Engine peak RSS at 64 tokens of the 7B int4: 20.1 -> see benchmarks/README.md. The LLM keeps its arena: its
-# decode steps reuse the same small buffers back to back.
+# and same time (27 s). The Engine's peak RSS over two requests of the 7B-shaped int4 artifacts went from 20.1 to
+# 16.1 GB (benchmarks/README.md, "The released sizes"). The LLM keeps its arena: its decode steps reuse the same
+# small buffers back to back.
 SHRINK_ARENA_GRAPHS = ("vision", "sam_encoder")
 # Providers whose sessions read and write CUDA device memory: graphs on them can be bound to device buffers.
 DEVICE_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
