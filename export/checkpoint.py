@@ -507,11 +507,7 @@ class StreamedLlmWeights:
         if path.suffix == ".safetensors":
             with _safe_open(path) as f:
                 return f.get_tensor(key).to(torch.float32)
-        if path not in self._maps:  # the mapped shard (nothing read yet); kept for the next tensors
-            state = _load_bin(path)
-            _check_bin_storage(path, state)
-            self._maps[path] = state
-        src = self._maps[path][key]
+        src = self._mapped_file(path)[key]
         dst = torch.empty(src.shape, dtype=torch.float32)
         try:
             dst.copy_(src)
@@ -528,11 +524,15 @@ class StreamedLlmWeights:
         if path.suffix == ".safetensors":
             with _safe_open(path) as f:
                 return f.get_tensor(key)
+        return self._mapped_file(path)[key]
+
+    def _mapped_file(self, path: Path) -> dict[str, torch.Tensor]:
+        """The memory-mapped state dict of a ``.bin`` shard (nothing read yet), kept for its next tensors."""
         if path not in self._maps:
             state = _load_bin(path)
             _check_bin_storage(path, state)
             self._maps[path] = state
-        return self._maps[path][key]
+        return self._maps[path]
 
     def close(self) -> None:
         self._maps.clear()

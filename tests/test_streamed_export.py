@@ -44,6 +44,10 @@ def test_streamed_weights_read_one_tensor_at_a_time(tiny_paths):
         got = model.llm_weights[name]
         assert got.dtype == torch.float32 and torch.equal(got, ref[name]), name
     assert model.llm_weights.get("lm_head.bias") is None
+    mapped = model.llm_weights.mapped("model.layers.0.mlp.gate_proj.weight")  # as stored: bf16, file-backed
+    assert mapped.dtype == torch.bfloat16 and torch.equal(
+        mapped.float(), ref["model.layers.0.mlp.gate_proj.weight"]
+    )
     llm = truncated_llm(model, layers=1)
     assert llm.config.num_hidden_layers == 1
     assert torch.equal(llm.model.layers[0].mlp.down_proj.weight, ref["model.layers.0.mlp.down_proj.weight"])
