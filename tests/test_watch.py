@@ -258,6 +258,9 @@ def test_cli_watch_ctrl_c_keeps_the_lines(tiny_artifacts, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as in a terminal: a suite started in the background (`nohup ... &`) hands its children SIGINT ignored,
+        # and Python then never installs its KeyboardInterrupt handler (the CLI would run to the end, exit 0)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
