@@ -365,40 +365,18 @@ class _TrtGraph:
         return buf[0]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if set(feeds) != set(self.inputs):
-            raise BackendError(
-                f"{self.path.name}: inputs {sorted(feeds)} do not match the engine's {sorted(self.inputs)}"
-            )
+        """Host arrays in (copied to this context's buffers on its stream), every output back as a host array."""
+        self._check_inputs(feeds)
         st = self._state()
-        ctx, stream, cuda = st.ctx, st.stream, self.cuda
-        hosts = []  # keep the host arrays alive until the stream is synchronized
-        for name in self.inputs:
-            arr = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
-            if not ctx.set_input_shape(name, tuple(int(d) for d in arr.shape)):
-                raise BackendError(
-                    f"{self.path.name}: input {name} of shape {tuple(arr.shape)} is outside the engine's "
-                    "optimization profile"
-                )
+        arrays = {
+            n: np.ascontiguousarray(feeds[n], dtype=self.dtypes[n]) for n in self.inputs
+        }  # alive until synced
+        bound = {}
+        for name, arr in arrays.items():
             ptr = self._buffer(st, name, arr.nbytes)
-            cuda.copy_h2d_async(ptr, arr.ctypes.data, arr.nbytes, stream)
-            ctx.set_tensor_address(name, ptr)
-            hosts.append(arr)
-        outputs = {}
-        for name in self.outputs:
-            shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise BackendError(f"{self.path.name}: output {name} has an unresolved shape {shape}")
-            host = np.empty(shape, dtype=self.dtypes[name])
-            ptr = self._buffer(st, name, host.nbytes)
-            ctx.set_tensor_address(name, ptr)
-            outputs[name] = (host, ptr)
-        if not ctx.execute_async_v3(stream):
-            raise BackendError(f"{self.path.name}: TensorRT execution failed (see the log above)")
-        for host, ptr in outputs.values():
-            cuda.copy_d2h_async(host.ctypes.data, ptr, host.nbytes, stream)
-        cuda.synchronize(stream)
-        del hosts
-        return {k: v[0] for k, v in outputs.items()}
+            self.cuda.copy_h2d_async(ptr, arr.ctypes.data, arr.nbytes, st.stream)
+            bound[name] = (tuple(int(d) for d in arr.shape), ptr)
+        return self._enqueue(st, st.stream, bound, {}, tuple(self.outputs))
 
     def run_device(
         self, inputs: dict, outputs: dict, host_outputs: tuple[str, ...], stream
@@ -407,20 +385,32 @@ class _TrtGraph:
         ``outputs`` are {name: DeviceBuffer} in each binding's own dtype (no conversion on the device: a
         mismatch raises BackendError), ``host_outputs`` come back as host arrays (then the stream is synchronized),
         any other output goes to this context's scratch buffer. Nothing else is copied."""
-        if set(inputs) != set(self.inputs):
-            raise BackendError(
-                f"{self.path.name}: inputs {sorted(inputs)} do not match the engine's {sorted(self.inputs)}"
-            )
+        self._check_inputs(inputs)
         st = self._state()  # this thread's execution context (contexts are not thread-safe)
-        ctx, cuda = st.ctx, self.cuda
+        bound = {}
         for name in self.inputs:
             buf = inputs[name].expect(inputs[name].shape, self.dtypes[name], f"{self.path.name} input {name}")
-            if not ctx.set_input_shape(name, buf.shape):
+            bound[name] = (buf.shape, buf.ptr)
+        return self._enqueue(st, stream, bound, outputs, host_outputs)
+
+    def _check_inputs(self, given) -> None:
+        if set(given) != set(self.inputs):
+            raise BackendError(
+                f"{self.path.name}: inputs {sorted(given)} do not match the engine's {sorted(self.inputs)}"
+            )
+
+    def _enqueue(self, st, stream, inputs: dict, outputs: dict, host_outputs) -> dict[str, np.ndarray]:
+        """Bind ``inputs`` ({name: (shape, device pointer)}) and the outputs (a DeviceBuffer of ``outputs``, else
+        this context's scratch buffer), execute on ``stream``, copy ``host_outputs`` back and synchronize."""
+        ctx, cuda = st.ctx, self.cuda
+        for name in self.inputs:
+            shape, ptr = inputs[name]
+            if not ctx.set_input_shape(name, shape):
                 raise BackendError(
-                    f"{self.path.name}: input {name} of shape {buf.shape} is outside the engine's optimization "
-                    "profile"
+                    f"{self.path.name}: input {name} of shape {tuple(shape)} is outside the engine's "
+                    "optimization profile"
                 )
-            ctx.set_tensor_address(name, buf.ptr)
+            ctx.set_tensor_address(name, ptr)
         hosts = {}
         for name in self.outputs:
             shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
