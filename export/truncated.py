@@ -10,7 +10,6 @@ layers in llm.onnx.data; benchmarks/full_size.py runs the whole exported graph a
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,8 +19,13 @@ TRUNCATED_LAYERS = 2
 
 def truncated_llm(model, layers: int = TRUNCATED_LAYERS):
     """A float32 LlamaForCausalLM with the first ``layers`` decoder layers of a streamed ``model`` (a LegionModel
-    loaded with stream_llm=True), its final norm, lm_head and embedding table."""
+    loaded with stream_llm=True), its final norm, lm_head and embedding table. Built once per model and depth: the
+    export's LLM checks (fp32 / fp16, quantization, the standard graph) share it rather than read the shards again."""
     import torch
+
+    cache = model.__dict__.setdefault("_truncated_llms", {})
+    if layers in cache:
+        return cache[layers]
 
     from .model.llm import build_llm, fix_llm_buffers
 
@@ -36,7 +40,8 @@ def truncated_llm(model, layers: int = TRUNCATED_LAYERS):
             state[name] = model.llm_weights[name]
     llm.load_state_dict(state, assign=True, strict=True)
     fix_llm_buffers(llm)
-    return llm.eval().requires_grad_(False)
+    cache[layers] = llm.eval().requires_grad_(False)
+    return llm
 
 
 def is_streamed(model) -> bool:
@@ -52,8 +57,5 @@ def truncated_note(model) -> str:
 @contextmanager
 def side_dir(out_dir: Path):
     """A scratch directory inside the export's directory, removed before the manifest lists the files."""
-    d = Path(tempfile.mkdtemp(prefix=".verify-", dir=out_dir))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=".verify-", dir=out_dir, ignore_cleanup_errors=True) as d:
+        yield Path(d)
